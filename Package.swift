@@ -1,0 +1,73 @@
+// swift-tools-version:6.0
+import PackageDescription
+
+let package = Package(
+    name: "ProgressRelay",
+    platforms: [.macOS(.v14)],
+    products: [
+        .executable(name: "progress-relay", targets: ["progress-relay"]),
+        .library(name: "ProgressEmitter", targets: ["ProgressEmitter"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.3"),
+        .package(url: "https://github.com/apple/swift-nio-extras.git", from: "1.35.2"),
+        .package(url: "https://github.com/apple/swift-argument-parser.git", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-log.git", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-metrics.git", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus.git", from: "2.4.1"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle.git", from: "2.13.0"),
+        .package(url: "https://github.com/vapor/jwt-kit.git", from: "5.8.0"),
+        .package(url: "https://github.com/apple/swift-crypto.git", "4.1.0"..<"6.0.0"),
+    ],
+    targets: [
+        // Topics, sequence numbers, history, grants: plain Swift, no I/O.
+        .target(
+            name: "RelayHub",
+            dependencies: [.product(name: "NIOCore", package: "swift-nio")]
+        ),
+        // Token verification and minting.
+        .target(
+            name: "RelayAuth",
+            dependencies: [
+                "RelayHub",
+                .product(name: "JWTKit", package: "jwt-kit"),
+            ]
+        ),
+        // NIO transports around the hub: Unix-socket ingest, HTTP, WebSocket subscribers.
+        .target(
+            name: "RelayServer",
+            dependencies: [
+                "RelayHub",
+                "RelayAuth",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOWebSocket", package: "swift-nio"),
+                .product(name: "NIOExtras", package: "swift-nio-extras"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ]
+        ),
+        // The emitter that workers link: Foundation and the C library only.
+        .target(name: "ProgressEmitter"),
+        // The CLI: parses flags and wires the pieces together.
+        .executableTarget(
+            name: "progress-relay",
+            dependencies: [
+                "RelayServer",
+                "RelayAuth",
+                "ProgressEmitter",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+                .product(name: "Metrics", package: "swift-metrics"),
+                .product(name: "Prometheus", package: "swift-prometheus"),
+                .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+            ]
+        ),
+        .testTarget(name: "RelayHubTests", dependencies: ["RelayHub"]),
+        .testTarget(name: "RelayAuthTests", dependencies: ["RelayAuth"]),
+    ],
+    swiftLanguageModes: [.v6]
+)

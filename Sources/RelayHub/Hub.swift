@@ -1,0 +1,318 @@
+// Hub: topics, sequence numbers, history, subscriptions and the fan-out plan.
+//
+// The hub is the single owner of every topic's state and does no I/O: it is
+// handed batches of validated events and subscription changes, and answers
+// with frames and with which subscribers (grouped by event loop) get them.
+// The server runs it on one event loop, so nothing here takes a lock.
+//
+// Every event's WebSocket frame is built once, here, and that same buffer is
+// what history holds and what every subscriber is sent.
+
+import NIOCore
+
+/// Bounds and sizes of the hub.
+public struct HubConfiguration: Sendable {
+    /// Events kept per topic for resume (`--history`).
+    public var historyLimit: Int
+    /// Topics kept (`--max-topics`); beyond it the longest-idle topic is forgotten.
+    public var maxTopics: Int
+    /// Nanoseconds a topic with no event and no subscriber is kept (`--topic-ttl`).
+    public var topicTTL: UInt64
+    /// Event loops subscribers live on; `SubscriberID.loop` is below this.
+    public var loopCount: Int
+    /// Newest events a pattern subscription starts with.
+    public var patternSnapshotLimit: Int
+
+    public init(
+        historyLimit: Int = 100,
+        maxTopics: Int = 100_000,
+        topicTTL: UInt64 = 3600 * 1_000_000_000,
+        loopCount: Int = 1,
+        patternSnapshotLimit: Int = 1000
+    ) {
+        self.historyLimit = historyLimit
+        self.maxTopics = maxTopics
+        self.topicTTL = topicTTL
+        self.loopCount = loopCount
+        self.patternSnapshotLimit = patternSnapshotLimit
+    }
+}
+
+/// One accepted event, as the ingest hands it over.
+public struct IncomingEvent: Sendable {
+    public var topic: String
+    /// The event's JSON object, from its `{` to its `}`.
+    public var object: ByteBuffer
+
+    public init(topic: String, object: ByteBuffer) {
+        self.topic = topic
+        self.object = object
+    }
+}
+
+/// Frames for a group of subscribers on one event loop.
+public struct Delivery: Sendable {
+    public var frames: [ByteBuffer]
+    public var subscribers: [SubscriberID]
+}
+
+/// What one published batch means for each event loop.
+public struct FanOut: Sendable {
+    /// Indexed by event loop; each loop's deliveries in publishing order.
+    public var loops: [[Delivery]]
+    /// Frames written to subscribers in total (for metrics).
+    public var deliveryCount: Int
+}
+
+/// Where a subscriber resumes from.
+public struct ResumePoint: Sendable, Equatable {
+    public var epoch: String
+    public var since: UInt64
+
+    public init(epoch: String, since: UInt64) {
+        self.epoch = epoch
+        self.since = since
+    }
+}
+
+/// The answer to a subscription: what the `subscribed` frame says and what to send after it.
+public struct Subscription: Sendable {
+    /// Nil for a pattern.
+    public var epoch: String?
+    /// The topic's newest seq (0 for a pattern or a topic with no event yet).
+    public var seq: UInt64
+    public var recovered: Bool
+    /// Replayed events, or the newest event(s), in the order to send them.
+    public var frames: [ByteBuffer]
+}
+
+/// Counts for `/stats` and metrics.
+public struct HubCounts: Sendable, Equatable {
+    public var topics: Int
+    public var subscriptions: Int
+    public var patterns: Int
+}
+
+public final class Hub {
+    public let configuration: HubConfiguration
+    private let allocator = ByteBufferAllocator()
+    private let epochPrefix: String
+    private var epochSerial: UInt64 = 0
+
+    private var topics: [String: Topic] = [:]
+    private var idle = IdleList()
+    /// Pattern subscriptions by prefix, and a version that invalidates every topic's targets.
+    private var patterns: [String: [SubscriberID]] = [:]
+    private var patternVersion: UInt64 = 1
+    private var exactSubscriptions = 0
+
+    /// - Parameter epochPrefix: differs on every start without state, so epochs never repeat.
+    public init(configuration: HubConfiguration, epochPrefix: String) {
+        self.configuration = configuration
+        self.epochPrefix = epochPrefix
+    }
+
+    public var counts: HubCounts {
+        HubCounts(
+            topics: topics.count,
+            subscriptions: exactSubscriptions + patterns.values.reduce(0) { $0 + $1.count },
+            patterns: patterns.count
+        )
+    }
+
+    // MARK: Publishing
+
+    /// Numbers and frames a batch of events, and says who receives them.
+    public func publish(_ events: [IncomingEvent], now: UInt64) -> FanOut {
+        let loops = configuration.loopCount
+        var plan = [[Delivery]](repeating: [], count: loops)
+        var deliveries = 0
+        var previous: Topic?
+        var created = false
+
+        for event in events {
+            let topic: Topic
+            if let known = topics[event.topic] {
+                topic = known
+            } else {
+                topic = makeTopic(event.topic, now: now)
+                created = true
+            }
+            let frame = event.object.withUnsafeReadableBytes { object in
+                WebSocketText.eventFrame(seq: topic.seq + 1, object: object, allocator: allocator)
+            }
+            topic.append(frame, now: now)
+            if topic.subscriberCount == 0 { idle.append(topic) }
+
+            let targets = self.targets(of: topic)
+            if previous === topic {
+                // Consecutive events of one topic share their deliveries: one write batch per subscriber.
+                for loop in 0..<loops where !targets[loop].isEmpty {
+                    plan[loop][plan[loop].count - 1].frames.append(frame)
+                    deliveries += targets[loop].count
+                }
+            } else {
+                for loop in 0..<loops where !targets[loop].isEmpty {
+                    plan[loop].append(Delivery(frames: [frame], subscribers: targets[loop]))
+                    deliveries += targets[loop].count
+                }
+            }
+            previous = topic
+        }
+        if created { enforceTopicLimit() }
+        return FanOut(loops: plan, deliveryCount: deliveries)
+    }
+
+    private func targets(of topic: Topic) -> [[SubscriberID]] {
+        if let cached = topic.targets, topic.targetsVersion == patternVersion { return cached }
+        var merged = topic.subscribers
+        for (prefix, subscribers) in patterns where topic.name.hasPrefix(prefix) {
+            for id in subscribers where !merged[id.loop].contains(id) {
+                merged[id.loop].append(id)
+            }
+        }
+        topic.targets = merged
+        topic.targetsVersion = patternVersion
+        return merged
+    }
+
+    // MARK: Subscriptions
+
+    /// Registers `id` on a topic or pattern and, at the same instant, takes what it must be sent first,
+    /// so that no event falls between the replay and live delivery and none comes twice.
+    public func subscribe(_ id: SubscriberID, to name: String, resume: ResumePoint?, now: UInt64) -> Subscription {
+        if let prefix = TopicName.patternPrefix(name) {
+            return subscribe(id, toPrefix: String(prefix))
+        }
+        let topic: Topic
+        if let known = topics[name] {
+            topic = known
+        } else {
+            topic = makeTopic(name, now: now)
+        }
+        if topic.add(id) { exactSubscriptions += 1 }
+        idle.remove(topic)
+        enforceTopicLimit()
+
+        if let resume, resume.epoch == topic.epoch, let missed = topic.history.frames(after: resume.since) {
+            return Subscription(epoch: topic.epoch, seq: topic.seq, recovered: true, frames: missed)
+        }
+        return Subscription(
+            epoch: topic.epoch, seq: topic.seq, recovered: false,
+            frames: topic.newest.map { [$0] } ?? [])
+    }
+
+    private func subscribe(_ id: SubscriberID, toPrefix prefix: String) -> Subscription {
+        var subscribers = patterns[prefix] ?? []
+        if !subscribers.contains(id) {
+            subscribers.append(id)
+            patterns[prefix] = subscribers
+            patternVersion &+= 1
+        }
+        var matching = topics.values.filter { $0.newest != nil && $0.name.hasPrefix(prefix) }
+        matching.sort { $0.lastEventAt > $1.lastEventAt }
+        let frames = matching.prefix(configuration.patternSnapshotLimit).compactMap(\.newest)
+        return Subscription(epoch: nil, seq: 0, recovered: false, frames: frames)
+    }
+
+    /// Ends one subscription; false when `id` did not hold it.
+    @discardableResult
+    public func unsubscribe(_ id: SubscriberID, from name: String, now: UInt64) -> Bool {
+        if let prefix = TopicName.patternPrefix(name) {
+            let key = String(prefix)
+            guard var subscribers = patterns[key], let index = subscribers.firstIndex(of: id) else { return false }
+            subscribers.remove(at: index)
+            patterns[key] = subscribers.isEmpty ? nil : subscribers
+            patternVersion &+= 1
+            return true
+        }
+        guard let topic = topics[name], topic.remove(id) else { return false }
+        exactSubscriptions -= 1
+        if topic.subscriberCount == 0 {
+            topic.lastActivity = now
+            idle.append(topic)
+        }
+        return true
+    }
+
+    /// Ends every subscription of a connection that went away.
+    public func unsubscribe(_ id: SubscriberID, fromAll names: some Sequence<String>, now: UInt64) {
+        for name in names { unsubscribe(id, from: name, now: now) }
+    }
+
+    // MARK: Bounds
+
+    /// Forgets topics idle for longer than the TTL; returns how many.
+    @discardableResult
+    public func expire(now: UInt64) -> Int {
+        var forgotten = 0
+        while let oldest = idle.head, now &- oldest.lastActivity >= configuration.topicTTL, now >= oldest.lastActivity {
+            forget(oldest)
+            forgotten += 1
+        }
+        return forgotten
+    }
+
+    private func enforceTopicLimit() {
+        while topics.count > configuration.maxTopics, let oldest = idle.head {
+            forget(oldest)
+        }
+    }
+
+    private func forget(_ topic: Topic) {
+        idle.remove(topic)
+        topics[topic.name] = nil
+    }
+
+    private func makeTopic(_ name: String, now: UInt64) -> Topic {
+        epochSerial += 1
+        let topic = Topic(
+            name: name, epoch: epochPrefix + "-" + String(epochSerial, radix: 36),
+            historyCapacity: configuration.historyLimit, loops: configuration.loopCount, now: now)
+        topics[name] = topic
+        return topic
+    }
+
+    // MARK: State
+
+    /// Every topic that has had an event, for the state file.
+    public func snapshot() -> [TopicState] {
+        topics.values.filter { $0.seq > 0 }.sorted { $0.lastEventAt < $1.lastEventAt }.map { topic in
+            TopicState(
+                name: topic.name, epoch: topic.epoch, seq: topic.seq,
+                history: topic.history.all.map(WebSocketText.payload(of:)),
+                newest: topic.newest.map(WebSocketText.payload(of:)))
+        }
+    }
+
+    /// Takes back topics from a state file: each keeps its epoch, seq and history.
+    /// Call before any event or subscription.
+    public func restore(_ states: [TopicState], now: UInt64) {
+        for state in states where TopicName.isValidTopic(state.name) && state.seq > 0 {
+            let topic = Topic(
+                name: state.name, epoch: state.epoch, historyCapacity: configuration.historyLimit,
+                loops: configuration.loopCount, now: now)
+            topic.seq = state.seq
+            let kept = state.history.suffix(configuration.historyLimit)
+            var seq = state.seq - UInt64(kept.count)
+            topic.history.resume(at: seq)
+            for payload in kept {
+                seq += 1
+                topic.history.append(frame(payload: payload), seq: seq)
+            }
+            topic.newest = state.newest.map(frame(payload:))
+            topic.lastEventAt = now
+            topics[state.name] = topic
+            idle.append(topic)
+        }
+        enforceTopicLimit()
+    }
+
+    private func frame(payload: ByteBuffer) -> ByteBuffer {
+        var buffer = allocator.buffer(
+            capacity: WebSocketText.headerLength(payloadLength: payload.readableBytes) + payload.readableBytes)
+        WebSocketText.writeHeader(payloadLength: payload.readableBytes, into: &buffer)
+        buffer.writeImmutableBuffer(payload)
+        return buffer
+    }
+}

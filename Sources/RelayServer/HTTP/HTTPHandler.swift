@@ -1,0 +1,136 @@
+// HTTPHandler: the plain HTTP routes (`/healthz`, `/metrics`, `/stats`) and
+// the answers to a `/ws` request that was not upgraded.
+
+import NIOCore
+import NIOHTTP1
+
+/// A request target split into path and query items.
+struct RequestTarget {
+    var path: String
+    var query: [(name: String, value: String)]
+
+    init(_ uri: String) {
+        let parts = uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
+        path = String(parts.first ?? "")
+        query = []
+        guard parts.count == 2 else { return }
+        for item in parts[1].split(separator: "&") {
+            let pair = item.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
+            let name = Self.percentDecoded(pair[0])
+            let value = pair.count > 1 ? Self.percentDecoded(pair[1]) : ""
+            query.append((name, value))
+        }
+    }
+
+    func values(_ name: String) -> [String] { query.filter { $0.name == name }.map(\.value) }
+
+    static func percentDecoded(_ text: Substring) -> String {
+        var bytes = [UInt8]()
+        var iterator = Array(text.utf8).makeIterator()
+        while let byte = iterator.next() {
+            switch byte {
+            case UInt8(ascii: "+"): bytes.append(UInt8(ascii: " "))
+            case UInt8(ascii: "%"):
+                if let high = iterator.next(), let low = iterator.next(),
+                    let value = UInt8(String(decoding: [high, low], as: UTF8.self), radix: 16)
+                {
+                    bytes.append(value)
+                }
+            default: bytes.append(byte)
+            }
+        }
+        return String(decoding: bytes, as: UTF8.self)
+    }
+}
+
+/// What the HTTP routes read from the rest of the relay.
+struct HTTPRoutes: Sendable {
+    let allowedOrigins: Set<String>
+    let metricsText: @Sendable () -> String
+    let statsJSON: @Sendable () -> EventLoopFuture<String>
+
+    /// Browsers send `Origin`; other clients do not and are always allowed.
+    func originAllowed(_ head: HTTPRequestHead) -> Bool {
+        guard !allowedOrigins.isEmpty, let origin = head.headers.first(name: "origin") else { return true }
+        return allowedOrigins.contains(origin)
+    }
+}
+
+final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
+    typealias InboundIn = HTTPServerRequestPart
+    typealias OutboundOut = HTTPServerResponsePart
+
+    private let routes: HTTPRoutes
+    private var head: HTTPRequestHead?
+
+    init(routes: HTTPRoutes) {
+        self.routes = routes
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        switch unwrapInboundIn(data) {
+        case .head(let head):
+            self.head = head
+        case .body:
+            break
+        case .end:
+            guard let head else { return }
+            self.head = nil
+            route(head, context: context)
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        // A refused WebSocket handshake is reported here and then answered as plain HTTP.
+        if error is HTTPParserError { context.close(promise: nil) }
+    }
+
+    private func route(_ head: HTTPRequestHead, context: ChannelHandlerContext) {
+        let target = RequestTarget(head.uri)
+        guard head.method == .GET || head.method == .HEAD else {
+            return respond(head, .methodNotAllowed, "method not allowed\n", context: context)
+        }
+        switch target.path {
+        case "/healthz":
+            respond(head, .ok, "ok", context: context)
+        case "/metrics":
+            respond(head, .ok, routes.metricsText(), contentType: "text/plain; version=0.0.4", context: context)
+        case "/stats":
+            routes.statsJSON().hop(to: context.eventLoop).assumeIsolated().whenSuccess { json in
+                self.respond(head, .ok, json, contentType: "application/json", context: context)
+            }
+        case "/ws":
+            if !routes.originAllowed(head) {
+                respond(head, .forbidden, "origin not allowed\n", context: context)
+            } else {
+                respond(head, .upgradeRequired, "a WebSocket handshake is required here\n", context: context)
+            }
+        case "/":
+            respond(head, .ok, "progress-relay: subscribe at /ws\n", context: context)
+        default:
+            respond(head, .notFound, "not found\n", context: context)
+        }
+    }
+
+    private func respond(
+        _ request: HTTPRequestHead, _ status: HTTPResponseStatus, _ body: String,
+        contentType: String = "text/plain; charset=utf-8", context: ChannelHandlerContext
+    ) {
+        var headers = HTTPHeaders()
+        headers.add(name: "Content-Type", value: contentType)
+        headers.add(name: "Content-Length", value: String(body.utf8.count))
+        headers.add(name: "Cache-Control", value: "no-store")
+        let keepAlive = request.isKeepAlive
+        if !keepAlive { headers.add(name: "Connection", value: "close") }
+        if status == .upgradeRequired { headers.add(name: "Upgrade", value: "websocket") }
+        context.write(wrapOutboundOut(.head(HTTPResponseHead(version: request.version, status: status, headers: headers))), promise: nil)
+        if request.method != .HEAD {
+            context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: body)))), promise: nil)
+        }
+        let done = context.writeAndFlush(wrapOutboundOut(.end(nil)))
+        if !keepAlive {
+            let channel = context.channel
+            done.whenComplete { _ in channel.close(promise: nil) }
+        }
+    }
+}

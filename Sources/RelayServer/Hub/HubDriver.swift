@@ -1,0 +1,168 @@
+// HubDriver: runs the hub on its own event loop and carries its answers out.
+//
+// Everything that touches the hub is a task on `hubLoop`, so the hub needs no
+// lock. A published batch costs one hop to the hub and then one hop to each
+// event loop that has subscribers for it, never one per subscriber. Replies
+// to subscriptions travel the same way as fan-out (hub loop, then the
+// subscriber's loop, both FIFO), which is what keeps replay and live events
+// from overlapping.
+//
+// Backpressure: `publish` calls `done` only after every loop has written the
+// batch, and the ingest reads no more from a connection while it has too many
+// batches in flight. So no queue between an emitter socket and a subscriber
+// socket grows without bound.
+
+import NIOCore
+import RelayHub
+import Synchronization
+
+final class HubDriver: Sendable {
+    let hubLoop: any EventLoop
+    let loops: [any EventLoop]
+    private let hub: NIOLoopBound<Hub>
+    private let registries: [NIOLoopBound<LoopSubscribers>]
+    private let metrics: RelayMetrics
+
+    private init(
+        hubLoop: any EventLoop, loops: [any EventLoop], hub: NIOLoopBound<Hub>,
+        registries: [NIOLoopBound<LoopSubscribers>], metrics: RelayMetrics
+    ) {
+        self.hubLoop = hubLoop
+        self.loops = loops
+        self.hub = hub
+        self.registries = registries
+        self.metrics = metrics
+    }
+
+    /// Builds the hub on `loops[0]` and one subscriber registry on each loop.
+    static func make(
+        loops: [any EventLoop], configuration: HubConfiguration, epochPrefix: String,
+        restoring states: [TopicState], metrics: RelayMetrics, pingInterval: TimeAmount
+    ) async throws -> HubDriver {
+        let hubLoop = loops[0]
+        let hub = try await hubLoop.submit {
+            let hub = Hub(configuration: configuration, epochPrefix: epochPrefix)
+            hub.restore(states, now: Monotonic.now)
+            return NIOLoopBound(hub, eventLoop: hubLoop)
+        }.get()
+        var registries = [NIOLoopBound<LoopSubscribers>]()
+        for (index, loop) in loops.enumerated() {
+            registries.append(
+                try await loop.submit {
+                    NIOLoopBound(
+                        LoopSubscribers(loopIndex: index, eventLoop: loop, pingInterval: pingInterval),
+                        eventLoop: loop)
+                }.get())
+        }
+        return HubDriver(hubLoop: hubLoop, loops: loops, hub: hub, registries: registries, metrics: metrics)
+    }
+
+    /// The registry of the loop the caller runs on.
+    func registry(on loopIndex: Int) -> LoopSubscribers { registries[loopIndex].value }
+
+    func loopIndex(of loop: any EventLoop) -> Int {
+        loops.firstIndex { $0 === loop } ?? 0
+    }
+
+    // MARK: Events
+
+    /// Publishes one batch; `done` runs (on any thread) once every subscriber loop has written it.
+    func publish(_ events: [IncomingEvent], readAt: NIODeadline, done: @escaping @Sendable () -> Void) {
+        hubLoop.execute { [hub, registries, loops, metrics] in
+            let plan = hub.value.publish(events, now: Monotonic.now)
+            metrics.delivered(plan.deliveryCount)
+            let busy = plan.loops.indices.filter { !plan.loops[$0].isEmpty }
+            guard !busy.isEmpty else {
+                metrics.deliveryDelay(nanoseconds: (NIODeadline.now() - readAt).nanoseconds)
+                done()
+                return
+            }
+            let countdown = Countdown(busy.count) {
+                metrics.deliveryDelay(nanoseconds: (NIODeadline.now() - readAt).nanoseconds)
+                done()
+            }
+            for index in busy {
+                let deliveries = plan.loops[index]
+                loops[index].execute {
+                    registries[index].value.deliver(deliveries)
+                    countdown.tick()
+                }
+            }
+        }
+    }
+
+    // MARK: Subscriptions
+
+    /// Subscribes; the answer reaches the subscriber through its loop's registry, in order with fan-out.
+    func subscribe(_ id: SubscriberID, to name: String, resume: ResumePoint?) {
+        hubLoop.execute { [hub, registries, loops] in
+            let subscription = hub.value.subscribe(id, to: name, resume: resume, now: Monotonic.now)
+            loops[id.loop].execute {
+                registries[id.loop].value.subscribed(id, to: name, subscription)
+            }
+        }
+    }
+
+    func unsubscribe(_ id: SubscriberID, from names: [String]) {
+        guard !names.isEmpty else { return }
+        hubLoop.execute { [hub] in
+            hub.value.unsubscribe(id, fromAll: names, now: Monotonic.now)
+        }
+    }
+
+    // MARK: Upkeep
+
+    /// Forgets idle topics and refreshes the counts, once a second.
+    func startUpkeep() -> RepeatedTask {
+        hubLoop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { [hub, metrics] _ in
+            hub.value.expire(now: Monotonic.now)
+            metrics.hubCounts(hub.value.counts)
+        }
+    }
+
+    func refreshCounts() -> EventLoopFuture<Void> {
+        hubLoop.submit { [hub, metrics] in metrics.hubCounts(hub.value.counts) }
+    }
+
+    /// Runs after every task already queued on the hub and on each loop.
+    func barrier() -> EventLoopFuture<Void> {
+        hubLoop.flatSubmit { [loops, hubLoop] in
+            EventLoopFuture.andAllSucceed(loops.map { $0.submit {} }, on: hubLoop)
+        }
+    }
+
+    func snapshot() -> EventLoopFuture<[TopicState]> {
+        hubLoop.submit { [hub] in hub.value.snapshot() }
+    }
+
+    /// Closes every subscriber with `code`; completes when all are closed.
+    func closeAllSubscribers(_ code: CloseCode) -> EventLoopFuture<Void> {
+        let futures = loops.indices.map { index in
+            loops[index].flatSubmit { [registries] in
+                registries[index].value.stop()
+                return registries[index].value.closeAll(code)
+            }
+        }
+        return EventLoopFuture.andAllComplete(futures, on: hubLoop)
+    }
+}
+
+/// Runs an action once the last of `count` parties has ticked.
+final class Countdown: Sendable {
+    private let remaining: Atomic<Int>
+    private let action: @Sendable () -> Void
+
+    init(_ count: Int, action: @escaping @Sendable () -> Void) {
+        remaining = Atomic(count)
+        self.action = action
+    }
+
+    func tick() {
+        if remaining.subtract(1, ordering: .acquiringAndReleasing).newValue == 0 { action() }
+    }
+}
+
+/// Monotonic nanoseconds for the hub's clocks.
+enum Monotonic {
+    static var now: UInt64 { NIODeadline.now().uptimeNanoseconds }
+}

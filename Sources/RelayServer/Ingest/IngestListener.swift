@@ -1,0 +1,262 @@
+// IngestListener: the Unix socket emitters connect to, and its accept thread.
+//
+// The relay accepts ingest connections itself rather than through NIO's
+// ServerBootstrap, because shutdown must shut down only the reading side of
+// each emitter connection with `shutdown(fd, SHUT_RD)` and then read what was
+// already written: NIO's `close(mode: .input)` stops reading at once and
+// would drop those lines. Each accepted descriptor is handed to NIO with
+// `ClientBootstrap.withConnectedSocket`, and its number is kept for that
+// shutdown. Accepting on a dedicated thread keeps `accept` off the event
+// loops; running out of descriptors backs off instead of spinning.
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOPosix
+
+/// The process that wrote to an ingest connection, from `SO_PEERCRED`.
+struct PeerCredentials: Sendable, CustomStringConvertible {
+    var pid: Int32
+    var uid: UInt32
+
+    var description: String { "pid \(pid) uid \(uid)" }
+}
+
+public enum IngestSocketError: Error, CustomStringConvertible {
+    case pathTooLong(String)
+    case inUse(String)
+    case notASocket(String)
+    case system(String, String, Int32)
+
+    public var description: String {
+        switch self {
+        case .pathTooLong(let path): return "--socket \(path): path is too long for a Unix socket"
+        case .inUse(let path): return "--socket \(path): another process is already listening there (is a relay running?)"
+        case .notASocket(let path): return "--socket \(path): exists and is not a socket; refusing to replace it"
+        case .system(let call, let path, let code):
+            return "--socket \(path): \(call) failed: \(String(cString: strerror(code)))"
+        }
+    }
+}
+
+final class IngestListener: Sendable {
+    let descriptor: CInt
+    let path: String?
+    private let wake: (read: CInt, write: CInt)
+    private let connections = NIOLockedValueBox<[ObjectIdentifier: (descriptor: CInt, channel: any Channel)]>([:])
+    private let stopped = NIOLockedValueBox(false)
+    private let finished: NIOLockedValueBox<Bool>
+
+    private init(descriptor: CInt, path: String?) throws {
+        self.descriptor = descriptor
+        self.path = path
+        var fds: [CInt] = [0, 0]
+        guard pipe(&fds) == 0 else {
+            throw IngestSocketError.system("pipe", path ?? "", errno)
+        }
+        for fd in fds { Self.setFlags(fd) }
+        wake = (fds[0], fds[1])
+        finished = NIOLockedValueBox(false)
+        _ = fcntl(descriptor, F_SETFL, fcntl(descriptor, F_GETFL) | O_NONBLOCK)
+    }
+
+    /// Binds `path`, replacing a stale socket file but never a live one or a non-socket.
+    static func bind(path: String, mode: UInt32) throws -> IngestListener {
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let capacity = MemoryLayout.size(ofValue: address.sun_path)
+        guard path.utf8.count < capacity else { throw IngestSocketError.pathTooLong(path) }
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            raw.copyBytes(from: path.utf8)
+            raw[path.utf8.count] = 0
+        }
+
+        var status = stat()
+        if lstat(path, &status) == 0 {
+            guard (status.st_mode & S_IFMT) == S_IFSOCK else { throw IngestSocketError.notASocket(path) }
+            if isLive(&address) { throw IngestSocketError.inUse(path) }
+            unlink(path)
+        }
+
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw IngestSocketError.system("socket", path, errno) }
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                Glibc.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
+            }
+        }
+        guard bound == 0 else {
+            let code = errno
+            close(fd)
+            throw IngestSocketError.system("bind", path, code)
+        }
+        guard chmod(path, mode_t(mode)) == 0, listen(fd, 4096) == 0 else {
+            let code = errno
+            close(fd)
+            unlink(path)
+            throw IngestSocketError.system("listen", path, code)
+        }
+        return try IngestListener(descriptor: fd, path: path)
+    }
+
+    /// Uses a listening socket handed over by systemd; it is never closed or unlinked here.
+    static func adopt(descriptor: CInt) throws -> IngestListener {
+        try IngestListener(descriptor: descriptor, path: nil)
+    }
+
+    private static func isLive(_ address: inout sockaddr_un) -> Bool {
+        let probe = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard probe >= 0 else { return false }
+        defer { close(probe) }
+        return withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
+                connect(probe, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0
+            }
+        }
+    }
+
+    // MARK: Accepting
+
+    /// Starts the accept thread; `configure` sets up each accepted connection's pipeline.
+    func start(
+        group: any EventLoopGroup, logger: Logger,
+        configure: @escaping @Sendable (any Channel, PeerCredentials) -> EventLoopFuture<Void>
+    ) {
+        let thread = Thread { [self] in
+            self.acceptLoop(group: group, logger: logger, configure: configure)
+        }
+        thread.name = "ingest-accept"
+        thread.start()
+    }
+
+    private func acceptLoop(
+        group: any EventLoopGroup, logger: Logger,
+        configure: @escaping @Sendable (any Channel, PeerCredentials) -> EventLoopFuture<Void>
+    ) {
+        defer { finished.withLockedValue { $0 = true } }
+        var fds = [pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0), pollfd(fd: wake.read, events: Int16(POLLIN), revents: 0)]
+        var lastExhaustionLog = NIODeadline.uptimeNanoseconds(0)
+        while !stopped.withLockedValue({ $0 }) {
+            fds[0].revents = 0
+            fds[1].revents = 0
+            guard poll(&fds, 2, -1) >= 0 || errno == EINTR else { break }
+            if fds[1].revents != 0 { break }
+            guard fds[0].revents != 0 else { continue }
+            let connection = accept(descriptor, nil, nil)
+            guard connection >= 0 else {
+                let code = errno
+                switch code {
+                case EAGAIN, EWOULDBLOCK, EINTR, ECONNABORTED, EPROTO:
+                    continue
+                default:
+                    // EMFILE, ENFILE, ENOBUFS: the connection waits in the backlog; try again later.
+                    if NIODeadline.now() - lastExhaustionLog > .seconds(10) {
+                        lastExhaustionLog = .now()
+                        logger.warning(
+                            "cannot accept emitter connections",
+                            metadata: ["error": "\(String(cString: strerror(code)))"])
+                    }
+                    usleep(100_000)
+                    continue
+                }
+            }
+            Self.setFlags(connection)
+            let credentials = Self.credentials(of: connection)
+            let registered = ClientBootstrap(group: group)
+                .channelOption(.allowRemoteHalfClosure, value: true)
+                .channelOption(.maxMessagesPerRead, value: 16)
+                .channelOption(
+                    .recvAllocator,
+                    value: AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 16 * 1024, maximum: 256 * 1024)
+                )
+                .channelInitializer { channel in configure(channel, credentials) }
+                .withConnectedSocket(connection)
+            registered.whenComplete { [self] (result: Result<any Channel, any Error>) in
+                switch result {
+                case .success(let channel):
+                    self.track(channel, descriptor: connection)
+                case .failure(let error):
+                    logger.warning("could not serve an emitter connection", metadata: ["error": "\(error)"])
+                }
+            }
+        }
+    }
+
+    /// Non-blocking and close-on-exec (Glibc's module does not export `accept4` or `pipe2`).
+    private static func setFlags(_ fd: CInt) {
+        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+        _ = fcntl(fd, F_SETFD, fcntl(fd, F_GETFD) | FD_CLOEXEC)
+    }
+
+    /// `struct ucred` from <sys/socket.h>, which Glibc's module leaves out (it needs _GNU_SOURCE).
+    private struct UCred {
+        var pid: Int32 = 0
+        var uid: UInt32 = 0
+        var gid: UInt32 = 0
+    }
+
+    private static let peerCredentialsOption: Int32 = 17  // SO_PEERCRED on Linux
+
+    private static func credentials(of fd: CInt) -> PeerCredentials {
+        var credentials = UCred()
+        var length = socklen_t(MemoryLayout<UCred>.size)
+        guard getsockopt(fd, SOL_SOCKET, peerCredentialsOption, &credentials, &length) == 0 else {
+            return PeerCredentials(pid: -1, uid: UInt32.max)
+        }
+        return PeerCredentials(pid: credentials.pid, uid: credentials.uid)
+    }
+
+    private func track(_ channel: any Channel, descriptor: CInt) {
+        let key = ObjectIdentifier(channel)
+        connections.withLockedValue { $0[key] = (descriptor, channel) }
+        channel.closeFuture.whenComplete { [connections] _ in
+            _ = connections.withLockedValue { $0.removeValue(forKey: key) }
+        }
+        // The channel may have closed before it was tracked.
+        if !channel.isActive {
+            _ = connections.withLockedValue { $0.removeValue(forKey: key) }
+        }
+    }
+
+    var connectionCount: Int { connections.withLockedValue { $0.count } }
+
+    // MARK: Stopping
+
+    /// Stops accepting. A bound socket is closed and unlinked; an adopted one stays open for the next process.
+    func stopAccepting() {
+        let already = stopped.withLockedValue { value -> Bool in
+            defer { value = true }
+            return value
+        }
+        guard !already else { return }
+        var byte: UInt8 = 1
+        _ = write(wake.write, &byte, 1)
+        // The accept thread ends within one poll wake-up; wait for it so no accept races the shutdown.
+        for _ in 0..<200 where !finished.withLockedValue({ $0 }) { usleep(5_000) }
+        if let path {
+            unlink(path)
+            close(descriptor)
+        }
+    }
+
+    /// Shuts down the reading side of every emitter connection: their writers' next writes fail
+    /// (so they resend elsewhere), and NIO still reads every byte written before, then end-of-file.
+    /// The future completes when every emitter connection is closed.
+    func drainConnections() -> [EventLoopFuture<Void>] {
+        let live = connections.withLockedValue { Array($0.values) }
+        return live.map { entry in
+            let channel = entry.channel
+            channel.eventLoop.execute {
+                // On the channel's loop, an active channel still owns its descriptor.
+                if channel.isActive { _ = shutdown(entry.descriptor, Int32(SHUT_RD)) }
+            }
+            return channel.closeFuture
+        }
+    }
+}

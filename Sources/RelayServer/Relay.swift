@@ -1,0 +1,227 @@
+// Relay: the running daemon, put together from the hub and its transports.
+//
+// `start` binds everything and returns once the relay serves; `shutdown`
+// follows the contract's order: stop accepting, cut the reading side of each
+// emitter connection and publish every complete line already written,
+// deliver, close subscribers with 1001, write the state file.
+
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+import NIOHTTP1
+import NIOPosix
+import RelayAuth
+import RelayHub
+
+public final class Relay: Sendable {
+    public let configuration: RelayConfiguration
+    /// Where HTTP and WebSocket clients connect.
+    public let httpAddress: SocketAddress
+    private let group: MultiThreadedEventLoopGroup
+    private let driver: HubDriver
+    private let ingest: IngestListener
+    private let httpChannel: any Channel
+    private let upkeep: RepeatedTask
+    private let logger: Logger
+
+    private init(
+        configuration: RelayConfiguration, group: MultiThreadedEventLoopGroup, driver: HubDriver,
+        ingest: IngestListener, httpChannel: any Channel, upkeep: RepeatedTask, logger: Logger
+    ) {
+        self.configuration = configuration
+        self.group = group
+        self.driver = driver
+        self.ingest = ingest
+        self.httpChannel = httpChannel
+        self.httpAddress = httpChannel.localAddress!
+        self.upkeep = upkeep
+        self.logger = logger
+    }
+
+    /// Binds the ingest socket and the HTTP listener and starts serving.
+    public static func start(
+        configuration: RelayConfiguration,
+        verifier: TokenVerifier,
+        metrics: RelayMetrics,
+        metricsText: @escaping @Sendable () -> String,
+        logger: Logger
+    ) async throws -> Relay {
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, configuration.threads))
+        do {
+            return try await start(
+                configuration: configuration, group: group, verifier: verifier, metrics: metrics,
+                metricsText: metricsText, logger: logger)
+        } catch {
+            try? await group.shutdownGracefully()
+            throw error
+        }
+    }
+
+    private static func start(
+        configuration: RelayConfiguration, group: MultiThreadedEventLoopGroup, verifier: TokenVerifier,
+        metrics: RelayMetrics, metricsText: @escaping @Sendable () -> String, logger: Logger
+    ) async throws -> Relay {
+        var hubConfiguration = configuration.hub
+        let loops = Array(group.makeIterator())
+        hubConfiguration.loopCount = loops.count
+
+        var restored: [TopicState] = []
+        if let path = configuration.stateFile {
+            do {
+                restored = try StateFileStore.read(path) ?? []
+                logger.info("state restored", metadata: ["topics": "\(restored.count)", "file": "\(path)"])
+            } catch {
+                logger.warning("state file unreadable, starting with new epochs", metadata: ["file": "\(path)", "error": "\(error)"])
+            }
+        }
+        let driver = try await HubDriver.make(
+            loops: loops, configuration: hubConfiguration, epochPrefix: Self.newEpochPrefix(),
+            restoring: restored, metrics: metrics, pingInterval: configuration.pingInterval)
+        let upkeep = driver.startUpkeep()
+
+        let ingest: IngestListener
+        if let adopted = configuration.adoptedIngestDescriptor {
+            ingest = try IngestListener.adopt(descriptor: adopted)
+        } else {
+            ingest = try IngestListener.bind(path: configuration.socketPath, mode: configuration.socketMode)
+        }
+
+        let subscriberEnvironment = SubscriberEnvironment(
+            driver: driver, verifier: verifier, metrics: metrics, maxSubscriptions: configuration.maxSubscriptions,
+            maxOutboundBytes: configuration.maxOutboundBytes, maxMessageBytes: configuration.maxClientMessageBytes,
+            logger: logger)
+        let routes = HTTPRoutes(
+            allowedOrigins: configuration.allowedOrigins, metricsText: metricsText,
+            statsJSON: { driver.refreshCounts().map { metrics.statsJSON } })
+        let upgrader = WebSocketUpgrader(
+            maxFrameSize: configuration.maxClientMessageBytes,
+            accepts: { head in RequestTarget(head.uri).path == "/ws" && routes.originAllowed(head) },
+            installSubscriber: { channel, head in
+                let target = RequestTarget(head.uri)
+                let token = target.values("token").first ?? Self.bearerToken(head.headers)
+                let topics = target.values("topic")
+                return channel.eventLoop.makeFutureWithTask { await verifier.verify(token) }
+                    .flatMapThrowing { result in
+                        try channel.pipeline.syncOperations.addHandler(
+                            SubscriberHandler(environment: subscriberEnvironment, authentication: result, urlTopics: topics))
+                    }
+            })
+
+        let bootstrap = ServerBootstrap(group: group)
+            .serverChannelOption(.backlog, value: 1024)
+            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
+            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
+            .childChannelInitializer { channel in
+                channel.pipeline.configureHTTPServerPipeline(
+                    withServerUpgrade: (
+                        upgraders: [upgrader],
+                        completionHandler: { context in
+                            // After the handshake the plain HTTP routes must not see WebSocket bytes.
+                            if let http = try? context.pipeline.syncOperations.context(handlerType: HTTPHandler.self) {
+                                context.pipeline.syncOperations.removeHandler(context: http, promise: nil)
+                            }
+                        }
+                    ),
+                    withErrorHandling: true
+                ).flatMapThrowing {
+                    try channel.pipeline.syncOperations.addHandler(HTTPHandler(routes: routes))
+                }
+            }
+        let httpChannel: any Channel
+        do {
+            if let adopted = configuration.adoptedHTTPDescriptor {
+                httpChannel = try await bootstrap.withBoundSocket(adopted).get()
+            } else {
+                httpChannel = try await bootstrap.bind(host: configuration.listenHost, port: configuration.listenPort).get()
+            }
+        } catch {
+            ingest.stopAccepting()
+            throw RelayStartError.listen("\(configuration.listenHost):\(configuration.listenPort)", "\(error)")
+        }
+
+        let ingestEnvironment = IngestEnvironment(
+            driver: driver, metrics: metrics, maxEventBytes: configuration.maxEventBytes, logger: logger)
+        ingest.start(group: group, logger: logger) { channel, peer in
+            channel.eventLoop.makeCompletedFuture {
+                try channel.pipeline.syncOperations.addHandler(IngestHandler(environment: ingestEnvironment, peer: peer))
+            }
+        }
+        let relay = Relay(
+            configuration: configuration, group: group, driver: driver, ingest: ingest, httpChannel: httpChannel,
+            upkeep: upkeep, logger: logger)
+        logger.notice(
+            "relay serving",
+            metadata: [
+                "socket": "\(configuration.adoptedIngestDescriptor.map { "fd \($0)" } ?? configuration.socketPath)",
+                "http": "\(relay.httpAddress)",
+            ])
+        return relay
+    }
+
+    static func bearerToken(_ headers: HTTPHeaders) -> String? {
+        guard let value = headers.first(name: "authorization") else { return nil }
+        let parts = value.split(separator: " ", maxSplits: 1)
+        guard parts.count == 2, parts[0].lowercased() == "bearer" else { return nil }
+        return parts[1].trimmingCharacters(in: .whitespaces)
+    }
+
+    /// Differs on every start, so a topic numbered afresh never reuses an epoch.
+    static func newEpochPrefix() -> String {
+        let alphabet = Array("0123456789abcdefghijklmnopqrstuvwxyz")
+        return String((0..<8).map { _ in alphabet.randomElement()! })
+    }
+
+    // MARK: Shutdown
+
+    /// Stops the relay without losing an accepted line; returns within about five seconds.
+    public func shutdown() async {
+        logger.notice("relay shutting down")
+        ingest.stopAccepting()
+        httpChannel.close(promise: nil)
+
+        // Every complete line already written to an emitter connection is still published.
+        let drained = ingest.drainConnections()
+        await Self.wait(for: EventLoopFuture.andAllComplete(drained, on: driver.hubLoop), upTo: .milliseconds(1500), on: driver.hubLoop)
+        await Self.wait(for: driver.barrier(), upTo: .milliseconds(500), on: driver.hubLoop)
+
+        await Self.wait(for: driver.closeAllSubscribers(.goingAway), upTo: .milliseconds(1500), on: driver.hubLoop)
+        upkeep.cancel()
+
+        if let path = configuration.stateFile {
+            do {
+                let topics = try await driver.snapshot().get()
+                try StateFileStore.write(topics, to: path)
+                logger.info("state written", metadata: ["topics": "\(topics.count)", "file": "\(path)"])
+            } catch {
+                logger.error("could not write the state file", metadata: ["file": "\(path)", "error": "\(error)"])
+            }
+        }
+        try? await group.shutdownGracefully()
+        logger.notice("relay stopped")
+    }
+
+    private static func wait(for future: EventLoopFuture<Void>, upTo timeout: TimeAmount, on loop: any EventLoop) async {
+        let promise = loop.makePromise(of: Void.self)
+        let done = NIOLockedValueBox(false)
+        let finish: @Sendable () -> Void = {
+            if done.withLockedValue({ value in defer { value = true }; return !value }) { promise.succeed() }
+        }
+        let timer = loop.scheduleTask(in: timeout, finish)
+        future.whenComplete { _ in
+            timer.cancel()
+            finish()
+        }
+        try? await promise.futureResult.get()
+    }
+}
+
+public enum RelayStartError: Error, CustomStringConvertible {
+    case listen(String, String)
+
+    public var description: String {
+        switch self {
+        case .listen(let address, let error): return "--listen \(address): \(error)"
+        }
+    }
+}

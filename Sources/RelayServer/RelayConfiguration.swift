@@ -1,0 +1,62 @@
+// RelayConfiguration: everything `serve` was told, as the server needs it.
+
+import NIOCore
+import RelayHub
+
+public struct RelayConfiguration: Sendable {
+    /// Where the ingest socket is bound, unless one is adopted.
+    public var socketPath: String
+    public var socketMode: UInt32
+    /// A listening AF_UNIX descriptor handed over by systemd, used instead of binding `socketPath`.
+    public var adoptedIngestDescriptor: CInt?
+    /// A listening TCP descriptor handed over by systemd, used instead of binding `listenHost:listenPort`.
+    public var adoptedHTTPDescriptor: CInt?
+    public var listenHost: String
+    public var listenPort: Int
+    /// When non-empty, browsers from other origins are refused.
+    public var allowedOrigins: Set<String>
+    public var maxEventBytes: Int
+    public var maxOutboundBytes: Int
+    public var maxSubscriptions: Int
+    /// Largest client message after reassembly.
+    public var maxClientMessageBytes: Int
+    public var pingInterval: TimeAmount
+    public var stateFile: String?
+    public var hub: HubConfiguration
+    /// Event loops; the hub lives on the first.
+    public var threads: Int
+
+    public init(
+        socketPath: String = "/run/progress.sock",
+        socketMode: UInt32 = 0o660,
+        adoptedIngestDescriptor: CInt? = nil,
+        adoptedHTTPDescriptor: CInt? = nil,
+        listenHost: String = "127.0.0.1",
+        listenPort: Int = 8765,
+        allowedOrigins: Set<String> = [],
+        maxEventBytes: Int = 65536,
+        maxOutboundBytes: Int = 4 * 1024 * 1024,
+        maxSubscriptions: Int = 100,
+        maxClientMessageBytes: Int = 64 * 1024,
+        pingInterval: TimeAmount = .seconds(25),
+        stateFile: String? = nil,
+        hub: HubConfiguration = HubConfiguration(),
+        threads: Int = System.coreCount
+    ) {
+        self.socketPath = socketPath
+        self.socketMode = socketMode
+        self.adoptedIngestDescriptor = adoptedIngestDescriptor
+        self.adoptedHTTPDescriptor = adoptedHTTPDescriptor
+        self.listenHost = listenHost
+        self.listenPort = listenPort
+        self.allowedOrigins = allowedOrigins
+        self.maxEventBytes = maxEventBytes
+        self.maxOutboundBytes = maxOutboundBytes
+        self.maxSubscriptions = maxSubscriptions
+        self.maxClientMessageBytes = maxClientMessageBytes
+        self.pingInterval = pingInterval
+        self.stateFile = stateFile
+        self.hub = hub
+        self.threads = threads
+    }
+}

@@ -1,0 +1,122 @@
+// RelayMetrics: the relay's counters, read by /stats and exported by /metrics.
+//
+// Counts live in atomics so that any event loop can bump them without a hop;
+// the same increments go to swift-metrics, which the CLI bootstraps with a
+// Prometheus registry. No label ever holds a topic, a subject or a token.
+
+import CoreMetrics
+import RelayHub
+import Synchronization
+
+public final class RelayMetrics: Sendable {
+    private let emitters = Atomic<Int>(0)
+    private let subscribers = Atomic<Int>(0)
+    private let received = Atomic<Int>(0)
+    private let rejected = Atomic<Int>(0)
+    private let delivered = Atomic<Int>(0)
+    private let slowClosed = Atomic<Int>(0)
+    private let authFailed = Atomic<Int>(0)
+    private let answersDropped = Atomic<Int>(0)
+    private let hubTopics = Atomic<Int>(0)
+    private let hubSubscriptions = Atomic<Int>(0)
+
+    private let emitterGauge = Gauge(label: "progress_relay_connections", dimensions: [("kind", "emitter")])
+    private let subscriberGauge = Gauge(label: "progress_relay_connections", dimensions: [("kind", "subscriber")])
+    private let topicsGauge = Gauge(label: "progress_relay_topics")
+    private let subscriptionsGauge = Gauge(label: "progress_relay_subscriptions")
+    private let receivedCounter = Counter(label: "progress_relay_events_received_total")
+    private let rejectedCounters: [String: Counter]
+    private let deliveriesCounter = Counter(label: "progress_relay_deliveries_total")
+    private let slowCounter = Counter(label: "progress_relay_slow_subscriber_closes_total")
+    private let authCounters: [String: Counter]
+    private let answersDroppedCounter = Counter(label: "progress_relay_ingest_answers_dropped_total")
+    private let delayTimer = Timer(label: "progress_relay_delivery_delay_seconds")
+
+    public init() {
+        let reasons: [IngestLineError] = [
+            .invalidUTF8, .invalidJSON, .notObject, .missingTopic, .invalidTopic, .invalidType,
+            .duplicateField, .reservedField, .tooLong,
+        ]
+        rejectedCounters = Dictionary(
+            uniqueKeysWithValues: reasons.map {
+                ($0.rawValue, Counter(label: "progress_relay_events_rejected_total", dimensions: [("reason", $0.rawValue)]))
+            })
+        let authReasons = ["missing", "malformed", "algorithm", "signature", "expired", "not_yet_valid", "no_subject", "forbidden"]
+        authCounters = Dictionary(
+            uniqueKeysWithValues: authReasons.map {
+                ($0, Counter(label: "progress_relay_auth_failure_closes_total", dimensions: [("reason", $0)]))
+            })
+    }
+
+    func emitterConnected(_ delta: Int) {
+        let now = emitters.add(delta, ordering: .relaxed).newValue
+        emitterGauge.record(now)
+    }
+
+    func subscriberConnected(_ delta: Int) {
+        let now = subscribers.add(delta, ordering: .relaxed).newValue
+        subscriberGauge.record(now)
+    }
+
+    func eventsReceived(_ count: Int) {
+        received.add(count, ordering: .relaxed)
+        receivedCounter.increment(by: count)
+    }
+
+    func eventRejected(_ reason: IngestLineError) {
+        rejected.add(1, ordering: .relaxed)
+        rejectedCounters[reason.rawValue]?.increment()
+    }
+
+    func answerDropped() {
+        answersDropped.add(1, ordering: .relaxed)
+        answersDroppedCounter.increment()
+    }
+
+    func delivered(_ count: Int) {
+        guard count > 0 else { return }
+        delivered.add(count, ordering: .relaxed)
+        deliveriesCounter.increment(by: count)
+    }
+
+    func slowSubscriberClosed() {
+        slowClosed.add(1, ordering: .relaxed)
+        slowCounter.increment()
+    }
+
+    func authFailureClosed(reason: String) {
+        authFailed.add(1, ordering: .relaxed)
+        authCounters[reason]?.increment()
+    }
+
+    func deliveryDelay(nanoseconds: Int64) {
+        delayTimer.recordNanoseconds(nanoseconds)
+    }
+
+    func hubCounts(_ counts: HubCounts) {
+        hubTopics.store(counts.topics, ordering: .relaxed)
+        hubSubscriptions.store(counts.subscriptions, ordering: .relaxed)
+        topicsGauge.record(counts.topics)
+        subscriptionsGauge.record(counts.subscriptions)
+    }
+
+    /// The JSON body of `/stats`: counts only.
+    public var statsJSON: String {
+        let fields: [(String, Int)] = [
+            ("emitter_connections", emitters.load(ordering: .relaxed)),
+            ("subscriber_connections", subscribers.load(ordering: .relaxed)),
+            ("topics", hubTopics.load(ordering: .relaxed)),
+            ("subscriptions", hubSubscriptions.load(ordering: .relaxed)),
+            ("events_received", received.load(ordering: .relaxed)),
+            ("events_rejected", rejected.load(ordering: .relaxed)),
+            ("deliveries", delivered.load(ordering: .relaxed)),
+            ("slow_subscriber_closes", slowClosed.load(ordering: .relaxed)),
+            ("auth_failure_closes", authFailed.load(ordering: .relaxed)),
+            ("ingest_answers_dropped", answersDropped.load(ordering: .relaxed)),
+        ]
+        return "{" + fields.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",") + "}"
+    }
+
+    var subscriberCount: Int { subscribers.load(ordering: .relaxed) }
+    var emitterCount: Int { emitters.load(ordering: .relaxed) }
+}

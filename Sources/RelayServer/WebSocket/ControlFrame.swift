@@ -1,0 +1,95 @@
+// ControlFrame: the relay's own messages to a subscriber (`op` frames, close, ping).
+//
+// These are rare next to events, so they are plain strings; event frames
+// never pass through here.
+
+import NIOCore
+import RelayHub
+
+enum ErrorCode: String {
+    case unauthorized, forbidden
+    case badRequest = "bad_request"
+    case unknownOp = "unknown_op"
+    case tooManySubscriptions = "too_many_subscriptions"
+}
+
+/// WebSocket close codes the relay sends (RFC 6455 section 7.4 and the contract's 44xx).
+enum CloseCode: UInt16 {
+    case normal = 1000
+    case goingAway = 1001
+    case protocolError = 1002
+    case unsupportedData = 1003
+    case invalidPayload = 1007
+    case messageTooBig = 1009
+    case tryAgainLater = 1013
+    case unauthorized = 4401
+    case forbidden = 4403
+}
+
+enum ControlFrame {
+    static func subscribed(topic: String, subscription: Subscription) -> ByteBuffer {
+        var json = "{\"op\":\"subscribed\",\"topic\":" + jsonString(topic)
+        if let epoch = subscription.epoch { json += ",\"epoch\":" + jsonString(epoch) }
+        json += ",\"seq\":\(subscription.seq),\"recovered\":\(subscription.recovered)}"
+        return WebSocketText.frame(json)
+    }
+
+    static func unsubscribed(topic: String, reason: String? = nil) -> ByteBuffer {
+        var json = "{\"op\":\"unsubscribed\",\"topic\":" + jsonString(topic)
+        if let reason { json += ",\"reason\":" + jsonString(reason) }
+        return WebSocketText.frame(json + "}")
+    }
+
+    static func error(_ code: ErrorCode, _ message: String, topic: String? = nil) -> ByteBuffer {
+        var json = "{\"op\":\"error\",\"code\":\"\(code.rawValue)\",\"message\":" + jsonString(message)
+        if let topic { json += ",\"topic\":" + jsonString(topic) }
+        return WebSocketText.frame(json + "}")
+    }
+
+    static let pong = WebSocketText.frame("{\"op\":\"pong\",\"type\":\"pong\"}")
+
+    static func refreshed(exp: Int64?) -> ByteBuffer {
+        WebSocketText.frame("{\"op\":\"refreshed\",\"exp\":" + (exp.map(String.init) ?? "null") + "}")
+    }
+
+    static let ping: ByteBuffer = {
+        var buffer = ByteBuffer()
+        WebSocketText.writeHeader(opcode: 0x9, payloadLength: 0, into: &buffer)
+        return buffer
+    }()
+
+    static func pong(payload: ByteBuffer) -> ByteBuffer {
+        var buffer = ByteBuffer()
+        WebSocketText.writeHeader(opcode: 0xA, payloadLength: payload.readableBytes, into: &buffer)
+        buffer.writeImmutableBuffer(payload)
+        return buffer
+    }
+
+    static func close(_ code: CloseCode, reason: String = "") -> ByteBuffer {
+        let reasonBytes = Array(reason.utf8.prefix(123))
+        var buffer = ByteBuffer()
+        WebSocketText.writeHeader(opcode: 0x8, payloadLength: 2 + reasonBytes.count, into: &buffer)
+        buffer.writeInteger(code.rawValue)
+        buffer.writeBytes(reasonBytes)
+        return buffer
+    }
+
+    /// `text` as a JSON string literal.
+    static func jsonString(_ text: String) -> String {
+        var out = "\""
+        for scalar in text.unicodeScalars {
+            switch scalar {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            case "\t": out += "\\t"
+            case _ where scalar.value < 0x20:
+                let hex = String(scalar.value, radix: 16)
+                out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
+            default: out.unicodeScalars.append(scalar)
+            }
+        }
+        return out + "\""
+    }
+}

@@ -1,0 +1,91 @@
+// LoopSubscribers: the subscriber connections that live on one event loop.
+//
+// Fan-out arrives here once per batch per loop and is written to each
+// connection with no further hop. One timer per loop walks its connections
+// for token expiry and heartbeats, instead of a timer per connection.
+
+import Foundation
+import NIOCore
+import RelayHub
+
+final class LoopSubscribers {
+    let loopIndex: Int
+    private let eventLoop: any EventLoop
+    private let pingInterval: TimeAmount
+    private var connections: [UInt64: SubscriberHandler] = [:]
+    private var nextSerial: UInt64 = 0
+    private var nextPing: NIODeadline
+    private var timer: RepeatedTask?
+
+    init(loopIndex: Int, eventLoop: any EventLoop, pingInterval: TimeAmount) {
+        self.loopIndex = loopIndex
+        self.eventLoop = eventLoop
+        self.pingInterval = pingInterval
+        self.nextPing = .now() + pingInterval
+    }
+
+    var count: Int { connections.count }
+
+    func register(_ connection: SubscriberHandler) -> SubscriberID {
+        nextSerial += 1
+        connections[nextSerial] = connection
+        if timer == nil { startTimer() }
+        return SubscriberID(loop: loopIndex, serial: nextSerial)
+    }
+
+    func remove(_ id: SubscriberID) {
+        connections[id.serial] = nil
+    }
+
+    func deliver(_ deliveries: [Delivery]) {
+        var touched = [SubscriberHandler]()
+        for delivery in deliveries {
+            for id in delivery.subscribers {
+                guard let connection = connections[id.serial] else { continue }
+                connection.deliver(delivery.frames)
+                if !connection.flushPending {
+                    connection.flushPending = true
+                    touched.append(connection)
+                }
+            }
+        }
+        for connection in touched { connection.flushDelivered() }
+    }
+
+    func subscribed(_ id: SubscriberID, to topic: String, _ subscription: Subscription) {
+        connections[id.serial]?.subscribed(to: topic, subscription)
+    }
+
+    /// Closes every connection with `code`; the future completes when they are all closed.
+    func closeAll(_ code: CloseCode) -> EventLoopFuture<Void> {
+        let closed = connections.values.map { connection -> EventLoopFuture<Void> in
+            connection.close(code)
+            return connection.closeFuture ?? eventLoop.makeSucceededVoidFuture()
+        }
+        return EventLoopFuture.andAllComplete(closed, on: eventLoop)
+    }
+
+    private func startTimer() {
+        let tick = TimeAmount.milliseconds(250)
+        let bound = NIOLoopBound(self, eventLoop: eventLoop)
+        timer = eventLoop.scheduleRepeatedTask(initialDelay: tick, delay: tick) { _ in
+            bound.value.tick()
+        }
+    }
+
+    private func tick() {
+        let now = NIODeadline.now()
+        let wallClock = Date().timeIntervalSince1970
+        let ping = now >= nextPing
+        if ping { nextPing = now + pingInterval }
+        let deadAfter = TimeAmount.nanoseconds(pingInterval.nanoseconds * 2)
+        for connection in Array(connections.values) {
+            connection.tick(now: now, wallClock: wallClock, sendPing: ping, deadAfter: deadAfter)
+        }
+    }
+
+    func stop() {
+        timer?.cancel()
+        timer = nil
+    }
+}

@@ -1,0 +1,231 @@
+// `progress-relay serve`: checks the flags, then starts the relay under
+// service-lifecycle, which turns SIGTERM and SIGINT into a graceful shutdown.
+
+import ArgumentParser
+import Foundation
+import Logging
+import Metrics
+import NIOCore
+import Prometheus
+import RelayAuth
+import RelayHub
+import RelayServer
+import ServiceLifecycle
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct ServeCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "serve", abstract: "Run the relay.")
+
+    @Option(help: "Ingest socket path.")
+    var socket: String?
+
+    @Option(name: .customLong("socket-mode"), help: "Permissions of the socket file (octal).")
+    var socketMode: String = "0660"
+
+    @Option(help: "HTTP and WebSocket listener, HOST:PORT.")
+    var listen: String = "127.0.0.1:8765"
+
+    @Option(name: .customLong("jwt-secret-file"), help: "HMAC secret for HS256/HS384/HS512 tokens.")
+    var jwtSecretFile: String?
+
+    @Option(name: .customLong("jwt-public-key-file"), help: "PEM public key for RS256, ES256 or EdDSA tokens.")
+    var jwtPublicKeyFile: String?
+
+    @Option(name: .customLong("grant"), help: "Topic pattern every valid token is granted; {sub} is the token's sub (repeatable).")
+    var grants: [String] = []
+
+    @Option(name: .customLong("allow-origin"), help: "Browser origin allowed to connect (repeatable; default any).")
+    var allowOrigins: [String] = []
+
+    @Option(help: "Events of each topic kept for resume.")
+    var history: Int = 100
+
+    @Option(name: .customLong("max-event-bytes"), help: "Longest accepted ingest line.")
+    var maxEventBytes: Int = 65536
+
+    @Option(name: .customLong("max-outbound-bytes"), help: "Unsent bytes a subscriber may owe before it is cut off.")
+    var maxOutboundBytes: Int = 4_194_304
+
+    @Option(name: .customLong("ping-interval"), help: "Seconds between WebSocket pings.")
+    var pingInterval: Double = 25
+
+    @Option(name: .customLong("state-file"), help: "State written on shutdown and read back on start.")
+    var stateFile: String?
+
+    @Option(name: .customLong("max-topics"), help: "Topics kept; beyond it the longest-idle topic is forgotten.")
+    var maxTopics: Int = 100_000
+
+    @Option(name: .customLong("max-subscriptions"), help: "Subscriptions one connection may hold.")
+    var maxSubscriptions: Int = 100
+
+    @Option(name: .customLong("topic-ttl"), help: "Seconds an idle topic is kept.")
+    var topicTTL: Double = 3600
+
+    @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning or error.")
+    var logLevel: String = "info"
+
+    @Flag(help: "Development mode: a random secret and a ready token, printed to standard output.")
+    var dev = false
+
+    func run() async throws {
+        let settings = try checkedSettings()
+        let logger = Self.bootstrapLogging(level: settings.logLevel)
+        let registry = PrometheusCollectorRegistry()
+        MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+        raiseOpenFilesLimit(logger: logger)
+
+        let key: VerificationKey
+        var devSecret: [UInt8]?
+        if let secretFile = jwtSecretFile {
+            key = .secret(try SecretFile.read(secretFile, flag: "--jwt-secret-file"))
+            if dev { devSecret = try SecretFile.read(secretFile, flag: "--jwt-secret-file") }
+        } else if let keyFile = jwtPublicKeyFile {
+            guard let pem = FileManager.default.contents(atPath: keyFile) else {
+                throw CLIError.usage("--jwt-public-key-file \(keyFile): cannot read the file")
+            }
+            key = .publicKeyPEM(String(decoding: pem, as: UTF8.self))
+        } else {
+            let secret = DevMode.randomSecret()
+            devSecret = secret
+            key = .secret(secret)
+        }
+        let verifier: TokenVerifier
+        do {
+            verifier = try await TokenVerifier(key: key, grantTemplates: settings.templates)
+        } catch {
+            let flag = jwtSecretFile != nil ? "--jwt-secret-file \(jwtSecretFile!)" : "--jwt-public-key-file \(jwtPublicKeyFile ?? "")"
+            throw CLIError.usage("\(flag): \(error)")
+        }
+
+        let relay: Relay
+        do {
+            relay = try await Relay.start(
+                configuration: settings.configuration, verifier: verifier, metrics: RelayMetrics(),
+                metricsText: { registry.emitToString() }, logger: logger)
+        } catch {
+            throw CLIError.failure("\(error)")
+        }
+        if let devSecret {
+            try await DevMode.printBanner(secret: devSecret, relay: relay, socketPath: settings.configuration.socketPath)
+        }
+
+        let services = ServiceGroup(
+            configuration: .init(
+                services: [.init(service: RelayService(relay: relay))],
+                gracefulShutdownSignals: [.sigterm, .sigint],
+                logger: logger))
+        try await services.run()
+    }
+
+    private struct Settings {
+        var configuration: RelayConfiguration
+        var templates: [GrantTemplate]
+        var logLevel: Logger.Level
+    }
+
+    /// Every flag checked before anything starts: a mistake is one line naming the flag, exit status 2.
+    private func checkedSettings() throws -> Settings {
+        guard let level = Logger.Level(rawValue: logLevel) else {
+            throw CLIError.usage("--log-level \(logLevel): expected trace, debug, info, notice, warning or error")
+        }
+        guard let mode = UInt32(socketMode, radix: 8), mode <= 0o777 else {
+            throw CLIError.usage("--socket-mode \(socketMode): expected octal permissions such as 0660")
+        }
+        guard let (host, port) = Self.hostAndPort(listen) else {
+            throw CLIError.usage("--listen \(listen): expected HOST:PORT, e.g. 127.0.0.1:8765")
+        }
+        if jwtSecretFile != nil, jwtPublicKeyFile != nil {
+            throw CLIError.usage("--jwt-secret-file and --jwt-public-key-file: give one key, not both")
+        }
+        if jwtSecretFile == nil, jwtPublicKeyFile == nil, !dev {
+            throw CLIError.usage(
+                "no key: give --jwt-secret-file or --jwt-public-key-file (or --dev to try it out); the relay never runs unauthenticated")
+        }
+        if dev, jwtPublicKeyFile != nil {
+            throw CLIError.usage("--dev mints tokens and needs a secret: drop --jwt-public-key-file")
+        }
+        if dev, !Self.isLoopback(host) {
+            throw CLIError.usage("--listen \(listen): --dev serves loopback only (127.0.0.1, ::1 or localhost)")
+        }
+        var templates = [GrantTemplate]()
+        for grant in grants {
+            guard let template = GrantTemplate(grant) else {
+                throw CLIError.usage("--grant \(grant): expected a topic or a prefix pattern ending in *, e.g. user:{sub}:*")
+            }
+            templates.append(template)
+        }
+        for (flag, value, minimum) in [
+            ("--history", history, 0), ("--max-event-bytes", maxEventBytes, 16), ("--max-outbound-bytes", maxOutboundBytes, 1024),
+            ("--max-topics", maxTopics, 1), ("--max-subscriptions", maxSubscriptions, 1),
+        ] where value < minimum {
+            throw CLIError.usage("\(flag) \(value): must be at least \(minimum)")
+        }
+        guard pingInterval > 0, pingInterval.isFinite else {
+            throw CLIError.usage("--ping-interval \(pingInterval): must be a positive number of seconds")
+        }
+        guard topicTTL > 0, topicTTL.isFinite else {
+            throw CLIError.usage("--topic-ttl \(topicTTL): must be a positive number of seconds")
+        }
+        let configuration = RelayConfiguration(
+            socketPath: socket ?? (dev ? DevMode.socketPath() : "/run/progress.sock"),
+            socketMode: mode,
+            listenHost: host,
+            listenPort: port,
+            allowedOrigins: Set(allowOrigins),
+            maxEventBytes: maxEventBytes,
+            maxOutboundBytes: maxOutboundBytes,
+            maxSubscriptions: maxSubscriptions,
+            pingInterval: .nanoseconds(Int64(pingInterval * 1e9)),
+            stateFile: stateFile,
+            hub: HubConfiguration(
+                historyLimit: history, maxTopics: maxTopics, topicTTL: UInt64(topicTTL * 1e9)))
+        return Settings(configuration: configuration, templates: templates, logLevel: level)
+    }
+
+    static func hostAndPort(_ text: String) -> (String, Int)? {
+        guard let colon = text.lastIndex(of: ":") else { return nil }
+        var host = String(text[..<colon])
+        if host.hasPrefix("["), host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+        guard !host.isEmpty, let port = Int(text[text.index(after: colon)...]), (0...65535).contains(port) else {
+            return nil
+        }
+        if host != "localhost", (try? SocketAddress(ipAddress: host, port: port)) == nil { return nil }
+        return (host, port)
+    }
+
+    static func isLoopback(_ host: String) -> Bool {
+        host == "localhost" || host == "::1" || host.hasPrefix("127.")
+    }
+
+    private static func bootstrapLogging(level: Logger.Level) -> Logger {
+        LoggingSystem.bootstrap { label in
+            var handler = StreamLogHandler.standardError(label: label)
+            handler.logLevel = level
+            return handler
+        }
+        return Logger(label: "progress-relay")
+    }
+
+    /// Many subscribers need many descriptors: take the whole hard limit.
+    private func raiseOpenFilesLimit(logger: Logger) {
+        var limit = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur < limit.rlim_max else { return }
+        limit.rlim_cur = limit.rlim_max
+        if setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) != 0 {
+            logger.warning("could not raise the open files limit")
+        }
+    }
+}
+
+/// The relay as a service: runs until a graceful shutdown is asked for, then drains.
+struct RelayService: Service {
+    let relay: Relay
+
+    func run() async throws {
+        try? await gracefulShutdown()
+        await relay.shutdown()
+    }
+}

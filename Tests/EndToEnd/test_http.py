@@ -1,0 +1,136 @@
+"""Contract section 6: HTTP routes."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from relaylib import (
+    async_test, expect_close, recv_events, recv_json, settle, topic_count, ws_connect,
+)
+
+SECRET_TOPIC = "secret-topic-9f3a"
+SECRET_SUB = "secret-sub-77c1"
+
+SAMPLE = re.compile(
+    r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+"
+    r"([-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?|NaN|[-+]Inf)(\s+-?\d+)?$")
+
+
+def parse_prometheus(text: str) -> list[tuple[str, str, float]]:
+    out = []
+    for line in text.splitlines():
+        if not line.strip() or line.startswith("#"):
+            continue
+        m = SAMPLE.match(line.strip())
+        assert m, f"not a Prometheus sample line: {line!r}"
+        out.append((m.group(1), m.group(2) or "", float(m.group(3))))
+    return out
+
+
+async def make_traffic(relay):
+    """Connections, subscriptions, events, a rejected line and an auth failure, all naming
+    SECRET_TOPIC and SECRET_SUB."""
+    tok = relay.token(sub=SECRET_SUB, topics=[SECRET_TOPIC])
+    ws = await ws_connect(relay, token=tok, topics=[SECRET_TOPIC])
+    assert (await recv_json(ws))["op"] == "subscribed"
+    answers = await relay.aemit([
+        {"topic": SECRET_TOPIC, "type": "progress", "progress": 5},
+        f'{{"topic":"{SECRET_TOPIC}","seq":3}}',
+        "not json " + SECRET_TOPIC,
+    ])
+    assert [a["line"] for a in answers] == [2, 3]
+    await recv_events(ws, 1)
+    bad = await ws_connect(relay, token=relay.token(sub=SECRET_SUB, secret="nope"))
+    await expect_close(bad)
+    return ws, tok
+
+
+def test_healthz(relay):
+    status, body = relay.http("/healthz")
+    assert status == 200
+    assert body.strip() == "ok"
+
+
+@pytest.mark.parametrize("path", ["/nope", "/healthz/extra", "/metricsx", "/ws/x"])
+def test_unknown_path_is_404(relay, path):
+    status, _ = relay.http(path)
+    assert status == 404
+
+
+@async_test
+async def test_metrics_is_prometheus_text_with_prefixed_names(relay):
+    ws, _ = await make_traffic(relay)
+    status, headers, body = relay.http_full("/metrics")
+    assert status == 200
+    assert headers.get("content-type", "").startswith("text/plain"), headers
+    samples = parse_prometheus(body)
+    assert samples, "no samples"
+    names = {n for n, _, _ in samples}
+    bad = sorted(n for n in names if not n.startswith("progress_relay_"))
+    assert not bad, f"metric names without the progress_relay_ prefix: {bad}"
+    # a histogram of the delay from reading a line to writing its frames
+    assert any(n.endswith("_bucket") for n in names), "no histogram"
+    assert re.search(r"^# TYPE progress_relay_\S+ histogram$", body, re.M), "no histogram TYPE"
+    # the families the contract lists (names are not promised: match on words)
+    for word in ["connection", "subscription", "topic", "receiv", "reject", "deliver",
+                 "slow", "auth"]:
+        assert any(word in n for n in names), f"no metric about {word!r}: {sorted(names)}"
+    await ws.close()
+
+
+@async_test
+async def test_metrics_and_stats_name_no_topic_user_or_token(relay):
+    ws, tok = await make_traffic(relay)
+    _, metrics = relay.http("/metrics")
+    _, stats = relay.http("/stats")
+    for text, what in ((metrics, "/metrics"), (stats, "/stats")):
+        assert SECRET_TOPIC not in text, f"{what} names a topic"
+        assert SECRET_SUB not in text, f"{what} names a user"
+        assert tok.split(".")[2] not in text and tok.split(".")[1] not in text, \
+            f"{what} holds a token"
+    await ws.close()
+
+
+def _reject_total(body: str) -> float:
+    return sum(v for n, _, v in parse_prometheus(body)
+               if "reject" in n and not n.endswith(("_bucket", "_sum", "_count", "_created")))
+
+
+@async_test
+async def test_metrics_count_rejected_lines(relay):
+    before = _reject_total(relay.metrics())
+    answers = await relay.aemit(["nope", '{"topic":"t","op":"x"}', '{"topic":"t"}'])
+    assert len(answers) == 2
+    after = _reject_total(relay.metrics())
+    assert after - before == 2, (before, after)
+
+
+@async_test
+async def test_stats_is_a_json_object_of_counts(relay):
+    ws, _ = await make_traffic(relay)
+    status, headers, body = relay.http_full("/stats")
+    assert status == 200
+    stats = json.loads(body)
+    assert isinstance(stats, dict) and stats
+
+    def check(obj, path="stats"):
+        for k, v in obj.items():
+            if isinstance(v, dict):
+                check(v, f"{path}.{k}")
+            else:
+                assert isinstance(v, (int, float)) and not isinstance(v, bool), \
+                    f"{path}.{k} = {v!r} is not a number"
+
+    check(stats)
+    await ws.close()
+
+
+@async_test
+async def test_stats_topic_count_follows_topics(relay):
+    assert topic_count(relay) == 0
+    assert await relay.aemit([{"topic": f"s{k}"} for k in range(3)]) == []
+    await settle(relay, "s2", 1)
+    assert topic_count(relay) == 3
