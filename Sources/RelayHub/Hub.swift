@@ -105,6 +105,8 @@ public final class Hub {
     private var patterns: [String: [SubscriberID]] = [:]
     private var patternVersion: UInt64 = 1
     private var exactSubscriptions = 0
+    /// Events published since start, to order topics by their newest event.
+    private var eventCount: UInt64 = 0
 
     /// - Parameter epochPrefix: differs on every start without state, so epochs never repeat.
     public init(configuration: HubConfiguration, epochPrefix: String) {
@@ -141,7 +143,8 @@ public final class Hub {
             let frame = event.object.withUnsafeReadableBytes { object in
                 WebSocketText.eventFrame(seq: topic.seq + 1, object: object, allocator: allocator)
             }
-            topic.append(frame, now: now)
+            eventCount += 1
+            topic.append(frame, order: eventCount, now: now)
             if topic.subscriberCount == 0 { idle.append(topic) }
 
             let targets = self.targets(of: topic)
@@ -210,7 +213,7 @@ public final class Hub {
             patternVersion &+= 1
         }
         var matching = topics.values.filter { $0.newest != nil && $0.name.hasPrefix(prefix) }
-        matching.sort { $0.lastEventAt > $1.lastEventAt }
+        matching.sort { $0.lastEventOrder > $1.lastEventOrder }
         let frames = matching.prefix(configuration.patternSnapshotLimit).compactMap(\.newest)
         return Subscription(epoch: nil, seq: 0, recovered: false, frames: frames)
     }
@@ -277,7 +280,7 @@ public final class Hub {
 
     /// Every topic that has had an event, for the state file.
     public func snapshot() -> [TopicState] {
-        topics.values.filter { $0.seq > 0 }.sorted { $0.lastEventAt < $1.lastEventAt }.map { topic in
+        topics.values.filter { $0.seq > 0 }.sorted { $0.lastEventOrder < $1.lastEventOrder }.map { topic in
             TopicState(
                 name: topic.name, epoch: topic.epoch, seq: topic.seq,
                 history: topic.history.all.map(WebSocketText.payload(of:)),
@@ -301,7 +304,8 @@ public final class Hub {
                 topic.history.append(frame(payload: payload), seq: seq)
             }
             topic.newest = state.newest.map(frame(payload:))
-            topic.lastEventAt = now
+            eventCount += 1
+            topic.lastEventOrder = eventCount
             topics[state.name] = topic
             idle.append(topic)
         }

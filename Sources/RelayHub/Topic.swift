@@ -23,8 +23,9 @@ final class Topic {
     var seq: UInt64 = 0
     var history: HistoryRing
     var newest: ByteBuffer?
-    /// When the newest event arrived (orders a pattern's snapshot).
-    var lastEventAt: UInt64 = 0
+    /// The hub's event count when the newest event arrived: orders a pattern's snapshot
+    /// (a clock would tie within one batch).
+    var lastEventOrder: UInt64 = 0
     /// When the topic last had an event or lost its last subscriber (orders forgetting).
     var lastActivity: UInt64
 
@@ -48,11 +49,11 @@ final class Topic {
         self.lastActivity = now
     }
 
-    func append(_ frame: ByteBuffer, now: UInt64) {
+    func append(_ frame: ByteBuffer, order: UInt64, now: UInt64) {
         seq += 1
         history.append(frame, seq: seq)
         newest = frame
-        lastEventAt = now
+        lastEventOrder = order
         lastActivity = now
     }
 

@@ -69,7 +69,7 @@ public final class Relay: Sendable {
         var restored: [TopicState] = []
         if let path = configuration.stateFile {
             do {
-                restored = try StateFileStore.read(path) ?? []
+                restored = try StateFileStore.take(path) ?? []
                 logger.info("state restored", metadata: ["topics": "\(restored.count)", "file": "\(path)"])
             } catch {
                 logger.warning("state file unreadable, starting with new epochs", metadata: ["file": "\(path)", "error": "\(error)"])

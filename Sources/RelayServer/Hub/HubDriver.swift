@@ -103,10 +103,22 @@ final class HubDriver: Sendable {
         }
     }
 
+    /// Ends subscriptions of a connection that went away; nothing is answered.
     func unsubscribe(_ id: SubscriberID, from names: [String]) {
         guard !names.isEmpty else { return }
         hubLoop.execute { [hub] in
             hub.value.unsubscribe(id, fromAll: names, now: Monotonic.now)
+        }
+    }
+
+    /// Ends one subscription and answers through the same path as fan-out, so that no
+    /// event of the topic reaches the subscriber after its `unsubscribed` frame.
+    func unsubscribe(_ id: SubscriberID, from name: String, reason: String?) {
+        hubLoop.execute { [hub, registries, loops] in
+            hub.value.unsubscribe(id, from: name, now: Monotonic.now)
+            loops[id.loop].execute {
+                registries[id.loop].value.unsubscribed(id, from: name, reason: reason)
+            }
         }
     }
 

@@ -8,10 +8,13 @@ import NIOCore
 import RelayHub
 
 enum StateFileStore {
-    /// The topics in `path`; nil when there is no file yet. Throws on a damaged file.
-    static func read(_ path: String) throws -> [TopicState]? {
+    /// The topics in `path`, and the file is removed: it describes this moment only. A relay
+    /// that is later killed leaves no file, so the next one starts new epochs instead of
+    /// claiming a numbering that lost events. Nil when there is no file; throws on a damaged one.
+    static func take(_ path: String) throws -> [TopicState]? {
         guard FileManager.default.fileExists(atPath: path) else { return nil }
         let data = try Data(contentsOf: URL(fileURLWithPath: path))
+        unlink(path)
         return try StateFile.decode(ByteBuffer(bytes: data))
     }
 

@@ -56,6 +56,10 @@ final class LoopSubscribers {
         connections[id.serial]?.subscribed(to: topic, subscription)
     }
 
+    func unsubscribed(_ id: SubscriberID, from topic: String, reason: String?) {
+        connections[id.serial]?.unsubscribed(from: topic, reason: reason)
+    }
+
     /// Closes every connection with `code`; the future completes when they are all closed.
     func closeAll(_ code: CloseCode) -> EventLoopFuture<Void> {
         let closed = connections.values.map { connection -> EventLoopFuture<Void> in

@@ -167,8 +167,8 @@ final class SubscriberHandler: ChannelInboundHandler {
         case .success(.subscribe(let topic, let resume)):
             subscribe(topic, resume: resume)
         case .success(.unsubscribe(let topic)):
-            if subscriptions.remove(topic) != nil { environment.driver.unsubscribe(id, from: [topic]) }
-            send(ControlFrame.unsubscribed(topic: topic))
+            subscriptions.remove(topic)
+            environment.driver.unsubscribe(id, from: topic, reason: nil)
         case .success(.refresh(let token)):
             refresh(token)
         case .success(.ping):
@@ -213,6 +213,12 @@ final class SubscriberHandler: ChannelInboundHandler {
         promise.futureResult.assumeIsolated().whenComplete { _ in self.replayOutstanding -= bytes }
     }
 
+    /// The hub's answer to an unsubscribe, after every event it had planned for this topic.
+    func unsubscribed(from topic: String, reason: String?) {
+        guard !closing, !subscriptions.contains(topic) else { return }
+        send(ControlFrame.unsubscribed(topic: topic, reason: reason))
+    }
+
     // MARK: Refresh and expiry
 
     private func refresh(_ token: String) {
@@ -240,8 +246,7 @@ final class SubscriberHandler: ChannelInboundHandler {
         send(ControlFrame.refreshed(exp: fresh.expiresAt))
         for topic in subscriptions.sorted() where !fresh.grants.covers(topic) {
             subscriptions.remove(topic)
-            environment.driver.unsubscribe(id, from: [topic])
-            send(ControlFrame.unsubscribed(topic: topic, reason: "forbidden"))
+            environment.driver.unsubscribe(id, from: topic, reason: "forbidden")
         }
     }
 
