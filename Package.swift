@@ -48,7 +48,10 @@ let package = Package(
                 .product(name: "Metrics", package: "swift-metrics"),
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
                 .product(name: "Crypto", package: "swift-crypto"),
-            ]
+            ],
+            // The live page and the browser client, served at `/` and `/progress-relay.js`
+            // (symbolic links to clients/js, where they are developed and tested).
+            resources: [.embedInCode("Resources/live.html"), .embedInCode("Resources/progress-relay.js")]
         ),
         // The emitter that workers link: Foundation and the C library only.
         .target(name: "ProgressEmitter"),

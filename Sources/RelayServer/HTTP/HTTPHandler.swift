@@ -43,6 +43,12 @@ struct RequestTarget {
     }
 }
 
+/// The live page and the browser client, embedded in the binary (no CDN, no files to install).
+enum StaticFiles {
+    static let livePage = ByteBuffer(bytes: PackageResources.live_html)
+    static let browserClient = ByteBuffer(bytes: PackageResources.progress_relay_js)
+}
+
 /// What the HTTP routes read from the rest of the relay.
 struct HTTPRoutes: Sendable {
     let allowedOrigins: Set<String>
@@ -106,7 +112,9 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
                 respond(head, .upgradeRequired, "a WebSocket handshake is required here\n", context: context)
             }
         case "/":
-            respond(head, .ok, "progress-relay: subscribe at /ws\n", context: context)
+            respond(head, .ok, StaticFiles.livePage, contentType: "text/html; charset=utf-8", context: context)
+        case "/progress-relay.js":
+            respond(head, .ok, StaticFiles.browserClient, contentType: "text/javascript; charset=utf-8", context: context)
         default:
             respond(head, .notFound, "not found\n", context: context)
         }
@@ -116,16 +124,23 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         _ request: HTTPRequestHead, _ status: HTTPResponseStatus, _ body: String,
         contentType: String = "text/plain; charset=utf-8", context: ChannelHandlerContext
     ) {
+        respond(request, status, ByteBuffer(string: body), contentType: contentType, context: context)
+    }
+
+    private func respond(
+        _ request: HTTPRequestHead, _ status: HTTPResponseStatus, _ body: ByteBuffer,
+        contentType: String = "text/plain; charset=utf-8", context: ChannelHandlerContext
+    ) {
         var headers = HTTPHeaders()
         headers.add(name: "Content-Type", value: contentType)
-        headers.add(name: "Content-Length", value: String(body.utf8.count))
+        headers.add(name: "Content-Length", value: String(body.readableBytes))
         headers.add(name: "Cache-Control", value: "no-store")
         let keepAlive = request.isKeepAlive
         if !keepAlive { headers.add(name: "Connection", value: "close") }
         if status == .upgradeRequired { headers.add(name: "Upgrade", value: "websocket") }
         context.write(wrapOutboundOut(.head(HTTPResponseHead(version: request.version, status: status, headers: headers))), promise: nil)
         if request.method != .HEAD {
-            context.write(wrapOutboundOut(.body(.byteBuffer(ByteBuffer(string: body)))), promise: nil)
+            context.write(wrapOutboundOut(.body(.byteBuffer(body))), promise: nil)
         }
         let done = context.writeAndFlush(wrapOutboundOut(.end(nil)))
         if !keepAlive {

@@ -1,0 +1,1 @@
+../../../clients/js/progress-relay.js
