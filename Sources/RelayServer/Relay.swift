@@ -183,9 +183,13 @@ public final class Relay: Sendable {
         // Every complete line already written to an emitter connection is still published.
         let drained = ingest.drainConnections()
         await Self.wait(for: EventLoopFuture.andAllComplete(drained, on: driver.hubLoop), upTo: .milliseconds(1500), on: driver.hubLoop)
+        let stragglers = ingest.closeConnections()
+        await Self.wait(for: EventLoopFuture.andAllComplete(stragglers, on: driver.hubLoop), upTo: .milliseconds(200), on: driver.hubLoop)
         await Self.wait(for: driver.barrier(), upTo: .milliseconds(500), on: driver.hubLoop)
 
         await Self.wait(for: driver.closeAllSubscribers(.goingAway), upTo: .milliseconds(1500), on: driver.hubLoop)
+        // Connections still open are closed here, before the loops stop, so no callback of theirs outlives them.
+        await Self.wait(for: driver.closeAllSubscribersNow(), upTo: .milliseconds(200), on: driver.hubLoop)
         upkeep.cancel()
 
         if let path = configuration.stateFile {

@@ -157,6 +157,14 @@ final class HubDriver: Sendable {
         }
         return EventLoopFuture.andAllComplete(futures, on: hubLoop)
     }
+
+    /// Closes the subscribers that did not finish their close handshake in time.
+    func closeAllSubscribersNow() -> EventLoopFuture<Void> {
+        let futures = loops.indices.map { index in
+            loops[index].flatSubmit { [registries] in registries[index].value.closeAllNow() }
+        }
+        return EventLoopFuture.andAllComplete(futures, on: hubLoop)
+    }
 }
 
 /// Runs an action once the last of `count` parties has ticked.

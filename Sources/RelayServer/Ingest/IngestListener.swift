@@ -245,6 +245,14 @@ final class IngestListener: Sendable {
         }
     }
 
+    /// Closes the emitter connections still open after the drain.
+    func closeConnections() -> [EventLoopFuture<Void>] {
+        connections.withLockedValue { Array($0.values) }.map { entry in
+            entry.channel.close(promise: nil)
+            return entry.channel.closeFuture
+        }
+    }
+
     /// Shuts down the reading side of every emitter connection: their writers' next writes fail
     /// (so they resend elsewhere), and NIO still reads every byte written before, then end-of-file.
     /// The future completes when every emitter connection is closed.

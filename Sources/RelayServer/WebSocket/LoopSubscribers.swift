@@ -69,6 +69,16 @@ final class LoopSubscribers {
         return EventLoopFuture.andAllComplete(closed, on: eventLoop)
     }
 
+    /// Closes every connection now, without a close handshake; for the end of shutdown.
+    func closeAllNow() -> EventLoopFuture<Void> {
+        let closed = connections.values.compactMap { connection -> EventLoopFuture<Void>? in
+            guard let future = connection.closeFuture else { return nil }
+            connection.closeNow()
+            return future
+        }
+        return EventLoopFuture.andAllComplete(closed, on: eventLoop)
+    }
+
     private func startTimer() {
         let tick = TimeAmount.milliseconds(250)
         let bound = NIOLoopBound(self, eventLoop: eventLoop)

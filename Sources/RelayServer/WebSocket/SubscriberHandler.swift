@@ -305,6 +305,11 @@ final class SubscriberHandler: ChannelInboundHandler {
         }
     }
 
+    func closeNow() {
+        closing = true
+        context?.channel.close(promise: nil)
+    }
+
     /// Sends a close frame behind whatever is queued, then half-closes and lets the
     /// peer finish: closing at once could reset the connection and lose the close frame.
     func close(_ code: CloseCode, reason: String = "") {
