@@ -291,7 +291,7 @@ public final class Hub {
     /// Takes back topics from a state file: each keeps its epoch, seq and history.
     /// Call before any event or subscription.
     public func restore(_ states: [TopicState], now: UInt64) {
-        for state in states where TopicName.isValidTopic(state.name) && state.seq > 0 {
+        for state in states where TopicName.isValidTopic(state.name) && state.seq > 0 && topics[state.name] == nil {
             let topic = Topic(
                 name: state.name, epoch: state.epoch, historyCapacity: configuration.historyLimit,
                 loops: configuration.loopCount, now: now)

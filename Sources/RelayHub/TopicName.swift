@@ -88,7 +88,7 @@ public struct GrantTemplate: Sendable, Equatable {
     /// (a `sub` holding `*` must not widen a grant).
     public func grant(forSubject sub: String) -> String? {
         let grant = template.replacing("{sub}", with: sub)
-        if template.contains("{sub}"), !sub.utf8.allSatisfy(TopicName.isTopicByte) { return nil }
+        if template.contains("{sub}"), sub.isEmpty || !sub.utf8.allSatisfy(TopicName.isTopicByte) { return nil }
         return TopicName.isValidTopicOrPattern(grant) ? grant : nil
     }
 }

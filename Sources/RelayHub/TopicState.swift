@@ -69,10 +69,14 @@ public enum StateFile {
     /// Reads back what `encode` wrote; any damage fails the whole file, so a
     /// half-written state never passes for a whole one.
     public static func decode(_ bytes: ByteBuffer) throws -> [TopicState] {
+        // Every line ends with a newline: a file cut short anywhere fails here.
+        guard bytes.readableBytesView.last == UInt8(ascii: "\n") else {
+            throw StateFileError.malformed(line: bytes.readableBytesView.filter { $0 == UInt8(ascii: "\n") }.count + 1)
+        }
         var lines = bytes.readableBytesView.split(separator: UInt8(ascii: "\n"), omittingEmptySubsequences: false)
             .map { Array($0) }
-        if lines.last?.isEmpty == true { lines.removeLast() }
-        guard let header = lines.first, let count = integer(in: header, key: "topics"),
+        lines.removeLast()
+        guard let header = lines.first, let count = integer(in: header, key: "topics"), count >= 0,
             integer(in: header, key: "progress_relay_state") == 1
         else { throw StateFileError.malformed(line: 1) }
 
@@ -83,7 +87,7 @@ public enum StateFile {
             let line = lines[index]
             guard let name = string(in: line, key: "topic"), let epoch = string(in: line, key: "epoch"),
                 let seq = integer(in: line, key: "seq"), let history = integer(in: line, key: "history"),
-                index + history + 1 <= lines.count, UInt64(history) <= UInt64(seq)
+                seq >= 1, history >= 0, history <= seq, history < lines.count - index
             else { throw StateFileError.malformed(line: index + 1) }
             let newestOnly = line.containsSubsequence(Array("\"newest\":true".utf8))
             index += 1
