@@ -23,11 +23,15 @@ public final class Relay: Sendable {
     private let ingest: IngestListener
     private let httpChannel: any Channel
     private let upkeep: RepeatedTask
+    private let notifier: SystemdNotifier?
+    private let statusTask = NIOLockedValueBox<RepeatedTask?>(nil)
+    private let metrics: RelayMetrics
     private let logger: Logger
 
     private init(
         configuration: RelayConfiguration, group: MultiThreadedEventLoopGroup, driver: HubDriver,
-        ingest: IngestListener, httpChannel: any Channel, upkeep: RepeatedTask, logger: Logger
+        ingest: IngestListener, httpChannel: any Channel, upkeep: RepeatedTask, notifier: SystemdNotifier?,
+        metrics: RelayMetrics, logger: Logger
     ) {
         self.configuration = configuration
         self.group = group
@@ -36,7 +40,28 @@ public final class Relay: Sendable {
         self.httpChannel = httpChannel
         self.httpAddress = httpChannel.localAddress!
         self.upkeep = upkeep
+        self.notifier = notifier
         self.logger = logger
+        self.metrics = metrics
+    }
+
+    /// Tells systemd the relay serves (`READY=1`) and starts the status and watchdog pings.
+    /// Call once signals are handled, so a stop asked for right after readiness is graceful.
+    public func markReady() {
+        guard let notifier else { return }
+        let metrics = self.metrics
+        notifier.notify("READY=1\nSTATUS=" + Self.status(metrics))
+        // Sent from the hub's own loop: a stuck loop stops the pings and systemd restarts the relay.
+        let interval = min(notifier.watchdogInterval ?? .seconds(5), .seconds(5))
+        let watchdog = notifier.watchdogInterval != nil
+        let task = driver.hubLoop.scheduleRepeatedTask(initialDelay: interval, delay: interval) { _ in
+            notifier.notify((watchdog ? "WATCHDOG=1\n" : "") + "STATUS=" + Self.status(metrics))
+        }
+        statusTask.withLockedValue { $0 = task }
+    }
+
+    private static func status(_ metrics: RelayMetrics) -> String {
+        "serving \(metrics.subscriberCount) subscribers, \(metrics.emitterCount) emitter connections"
     }
 
     /// Binds the ingest socket and the HTTP listener and starts serving.
@@ -45,13 +70,14 @@ public final class Relay: Sendable {
         verifier: TokenVerifier,
         metrics: RelayMetrics,
         metricsText: @escaping @Sendable () -> String,
+        notifier: SystemdNotifier? = nil,
         logger: Logger
     ) async throws -> Relay {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, configuration.threads))
         do {
             return try await start(
                 configuration: configuration, group: group, verifier: verifier, metrics: metrics,
-                metricsText: metricsText, logger: logger)
+                metricsText: metricsText, notifier: notifier, logger: logger)
         } catch {
             try? await group.shutdownGracefully()
             throw error
@@ -60,7 +86,8 @@ public final class Relay: Sendable {
 
     private static func start(
         configuration: RelayConfiguration, group: MultiThreadedEventLoopGroup, verifier: TokenVerifier,
-        metrics: RelayMetrics, metricsText: @escaping @Sendable () -> String, logger: Logger
+        metrics: RelayMetrics, metricsText: @escaping @Sendable () -> String, notifier: SystemdNotifier?,
+        logger: Logger
     ) async throws -> Relay {
         var hubConfiguration = configuration.hub
         let loops = Array(group.makeIterator())
@@ -69,8 +96,10 @@ public final class Relay: Sendable {
         var restored: [TopicState] = []
         if let path = configuration.stateFile {
             do {
-                restored = try StateFileStore.take(path) ?? []
-                logger.info("state restored", metadata: ["topics": "\(restored.count)", "file": "\(path)"])
+                if let taken = try StateFileStore.take(path) {
+                    restored = taken
+                    logger.info("state restored", metadata: ["topics": "\(restored.count)", "file": "\(path)"])
+                }
             } catch {
                 logger.warning("state file unreadable, starting with new epochs", metadata: ["file": "\(path)", "error": "\(error)"])
             }
@@ -149,7 +178,7 @@ public final class Relay: Sendable {
         }
         let relay = Relay(
             configuration: configuration, group: group, driver: driver, ingest: ingest, httpChannel: httpChannel,
-            upkeep: upkeep, logger: logger)
+            upkeep: upkeep, notifier: notifier, metrics: metrics, logger: logger)
         logger.notice(
             "relay serving",
             metadata: [
@@ -177,19 +206,25 @@ public final class Relay: Sendable {
     /// Stops the relay without losing an accepted line; returns within about five seconds.
     public func shutdown() async {
         logger.notice("relay shutting down")
+        notifier?.notify("STOPPING=1\nSTATUS=shutting down")
+        statusTask.withLockedValue { $0?.cancel() }
         ingest.stopAccepting()
         httpChannel.close(promise: nil)
 
+        let began = NIODeadline.now()
+        func elapsed() -> String { "\((NIODeadline.now() - began).nanoseconds / 1_000_000) ms" }
         // Every complete line already written to an emitter connection is still published.
         let drained = ingest.drainConnections()
         await Self.wait(for: EventLoopFuture.andAllComplete(drained, on: driver.hubLoop), upTo: .milliseconds(1500), on: driver.hubLoop)
         let stragglers = ingest.closeConnections()
         await Self.wait(for: EventLoopFuture.andAllComplete(stragglers, on: driver.hubLoop), upTo: .milliseconds(200), on: driver.hubLoop)
         await Self.wait(for: driver.barrier(), upTo: .milliseconds(500), on: driver.hubLoop)
+        logger.debug("emitter connections drained", metadata: ["connections": "\(drained.count)", "after": "\(elapsed())"])
 
         await Self.wait(for: driver.closeAllSubscribers(.goingAway), upTo: .milliseconds(1500), on: driver.hubLoop)
         // Connections still open are closed here, before the loops stop, so no callback of theirs outlives them.
         await Self.wait(for: driver.closeAllSubscribersNow(), upTo: .milliseconds(200), on: driver.hubLoop)
+        logger.debug("subscribers closed", metadata: ["after": "\(elapsed())"])
         upkeep.cancel()
 
         if let path = configuration.stateFile {

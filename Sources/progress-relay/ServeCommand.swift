@@ -78,10 +78,10 @@ struct ServeCommand: AsyncParsableCommand {
         raiseOpenFilesLimit(logger: logger)
 
         let key: VerificationKey
-        var devSecret: [UInt8]?
+        var mintingSecret: [UInt8]?
         if let secretFile = jwtSecretFile {
             key = .secret(try SecretFile.read(secretFile, flag: "--jwt-secret-file"))
-            if dev { devSecret = try SecretFile.read(secretFile, flag: "--jwt-secret-file") }
+            if dev { mintingSecret = try SecretFile.read(secretFile, flag: "--jwt-secret-file") }
         } else if let keyFile = jwtPublicKeyFile {
             guard let pem = FileManager.default.contents(atPath: keyFile) else {
                 throw CLIError.usage("--jwt-public-key-file \(keyFile): cannot read the file")
@@ -89,7 +89,7 @@ struct ServeCommand: AsyncParsableCommand {
             key = .publicKeyPEM(String(decoding: pem, as: UTF8.self))
         } else {
             let secret = DevMode.randomSecret()
-            devSecret = secret
+            mintingSecret = secret
             key = .secret(secret)
         }
         let verifier: TokenVerifier
@@ -100,21 +100,45 @@ struct ServeCommand: AsyncParsableCommand {
             throw CLIError.usage("\(flag): \(error)")
         }
 
+        var configuration = settings.configuration
+        do {
+            if let activation = try SocketActivation.fromEnvironment() {
+                configuration.adoptedIngestDescriptor = activation.ingestDescriptor
+                configuration.adoptedHTTPDescriptor = activation.httpDescriptor
+                logger.info(
+                    "sockets from systemd",
+                    metadata: [
+                        "ingest": "\(activation.ingestDescriptor.map(String.init) ?? "none")",
+                        "http": "\(activation.httpDescriptor.map(String.init) ?? "none")",
+                    ])
+            }
+        } catch {
+            throw CLIError.usage("\(error)")
+        }
+
         let relay: Relay
         do {
             relay = try await Relay.start(
-                configuration: settings.configuration, verifier: verifier, metrics: RelayMetrics(),
-                metricsText: { registry.emitToString() }, logger: logger)
+                configuration: configuration, verifier: verifier, metrics: RelayMetrics(),
+                metricsText: { registry.emitToString() }, notifier: SystemdNotifier.fromEnvironment(), logger: logger)
         } catch {
             throw CLIError.failure("\(error)")
         }
-        if let devSecret {
-            try await DevMode.printBanner(secret: devSecret, relay: relay, socketPath: settings.configuration.socketPath)
+        let socketPath = configuration.socketPath
+        let devSecret = mintingSecret
+        let started: @Sendable () async -> Void = {
+            relay.markReady()
+            if let devSecret {
+                do {
+                    try await DevMode.printBanner(secret: devSecret, relay: relay, socketPath: socketPath)
+                } catch {
+                    logger.error("could not mint the development token", metadata: ["error": "\(error)"])
+                }
+            }
         }
-
         let services = ServiceGroup(
             configuration: .init(
-                services: [.init(service: RelayService(relay: relay))],
+                services: [.init(service: RelayService(relay: relay, started: started))],
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger))
         try await services.run()
@@ -223,8 +247,11 @@ struct ServeCommand: AsyncParsableCommand {
 /// The relay as a service: runs until a graceful shutdown is asked for, then drains.
 struct RelayService: Service {
     let relay: Relay
+    /// Runs once the service group handles signals: readiness is announced only then.
+    let started: @Sendable () async -> Void
 
     func run() async throws {
+        await started()
         try? await gracefulShutdown()
         await relay.shutdown()
     }

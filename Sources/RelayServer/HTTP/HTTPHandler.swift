@@ -112,7 +112,13 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
                 respond(head, .upgradeRequired, "a WebSocket handshake is required here\n", context: context)
             }
         case "/":
-            respond(head, .ok, StaticFiles.livePage, contentType: "text/html; charset=utf-8", context: context)
+            // The page's URL may carry a token: it must not leak through Referer or framing.
+            respond(
+                head, .ok, StaticFiles.livePage, contentType: "text/html; charset=utf-8",
+                extraHeaders: [
+                    ("Referrer-Policy", "no-referrer"), ("X-Content-Type-Options", "nosniff"),
+                    ("Content-Security-Policy", "frame-ancestors 'none'"),
+                ], context: context)
         case "/progress-relay.js":
             respond(head, .ok, StaticFiles.browserClient, contentType: "text/javascript; charset=utf-8", context: context)
         default:
@@ -129,9 +135,10 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     private func respond(
         _ request: HTTPRequestHead, _ status: HTTPResponseStatus, _ body: ByteBuffer,
-        contentType: String = "text/plain; charset=utf-8", context: ChannelHandlerContext
+        contentType: String = "text/plain; charset=utf-8", extraHeaders: [(String, String)] = [],
+        context: ChannelHandlerContext
     ) {
-        var headers = HTTPHeaders()
+        var headers = HTTPHeaders(extraHeaders)
         headers.add(name: "Content-Type", value: contentType)
         headers.add(name: "Content-Length", value: String(body.readableBytes))
         headers.add(name: "Cache-Control", value: "no-store")
