@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import errno
 import functools
 import hashlib
 import hmac
@@ -180,6 +181,18 @@ class RelayStartError(AssertionError):
     pass
 
 
+def _retry_busy(fn, timeout: float = 20.0):
+    """Run fn, retrying while the binary is being rewritten (ETXTBSY during a rebuild)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return fn()
+        except OSError as e:
+            if e.errno != errno.ETXTBSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 class Relay:
     """One real `progress-relay serve` process in its own temporary directory."""
 
@@ -208,6 +221,9 @@ class Relay:
         self.log_path = self.dir / f"{name}-stderr.log"
         self.stdout_path = self.dir / f"{name}-stdout.log"
         self.proc: subprocess.Popen | None = None
+        # for socket activation: a wrapper to put before args, and extra Popen arguments
+        self.launch_prefix: list[str] = []
+        self.popen_kwargs: dict = {}
         self.starts = 0
         self.last_exit: int | None = None
         _STARTED.append(self)
@@ -241,8 +257,9 @@ class Relay:
             f.write(f"===== start #{self.starts}: {' '.join(self.args)}\n".encode())
         self._stderr = open(self.log_path, "ab")
         self._stdout = open(self.stdout_path, "ab")
-        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=self._stdout,
-                                     stderr=self._stderr, env=self.env, cwd=self.dir)
+        self.proc = _retry_busy(lambda: subprocess.Popen(
+            self.launch_prefix + self.args, stdin=subprocess.DEVNULL, stdout=self._stdout,
+            stderr=self._stderr, env=self.env, cwd=self.dir, **self.popen_kwargs))
         self.wait_ready(timeout)
         return self
 
@@ -270,7 +287,7 @@ class Relay:
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def signal(self, sig) -> None:
+    def send_signal(self, sig) -> None:
         self.proc.send_signal(sig)
 
     def wait(self, timeout: float) -> int:
@@ -480,7 +497,8 @@ def ws_url(relay: Relay, token=None, topics: Iterable[str] = (), extra_query=())
     return relay.url + (("?" + urllib.parse.urlencode(q)) if q else "")
 
 
-_SUPPORTS_PROXY = "proxy" in inspect.signature(websockets.asyncio.client.connect.__init__).parameters
+_SUPPORTS_PROXY = "proxy" in inspect.signature(
+    websockets.asyncio.client.connect.__init__).parameters
 
 
 async def ws_connect(relay: Relay, token=_DEFAULT, topics: Iterable[str] = (),
@@ -885,9 +903,10 @@ def run_cli(args: list[str], *, env: dict | None = None, input: bytes | str | No
     if isinstance(input, str):
         input = input.encode()
     try:
-        return subprocess.run([require_bin(), *args], env=e, input=input,
-                              stdin=None if input is not None else subprocess.DEVNULL,
-                              capture_output=True, timeout=timeout, cwd=cwd)
+        return _retry_busy(lambda: subprocess.run(
+            [require_bin(), *args], env=e, input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            capture_output=True, timeout=timeout, cwd=cwd))
     except subprocess.TimeoutExpired as ex:
         raise AssertionError(f"`progress-relay {' '.join(args)}` did not exit within {timeout}s; "
                              f"stdout={ex.stdout!r} stderr={ex.stderr!r}")
@@ -912,3 +931,59 @@ def topic_count(relay: Relay) -> int:
     n = stats_number(s, "topics", "topic_count", "topicCount", "topics_count")
     assert n is not None, f"/stats has no topic count (looked for key 'topics'): {s}"
     return n
+
+
+# --------------------------------------------------------------------------------------------
+# public-key tokens (RS256, ES256, EdDSA) through the openssl command
+
+def have_openssl() -> bool:
+    return shutil.which("openssl") is not None
+
+
+def openssl_keypair(kind: str, directory: Path) -> tuple[Path, Path]:
+    """kind: "rsa", "ec" (P-256) or "ed25519". Returns (private PEM, public PEM)."""
+    priv = Path(directory) / f"{kind}-{secrets.token_hex(4)}.key"
+    pub = priv.with_suffix(".pub.pem")
+    gen = {
+        "rsa": ["openssl", "genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"],
+        "ec": ["openssl", "genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"],
+        "ed25519": ["openssl", "genpkey", "-algorithm", "ED25519"],
+    }[kind]
+    subprocess.run(gen + ["-out", str(priv)], check=True, capture_output=True)
+    subprocess.run(["openssl", "pkey", "-in", str(priv), "-pubout", "-out", str(pub)],
+                   check=True, capture_output=True)
+    return priv, pub
+
+
+def _der_ecdsa_to_raw(der: bytes, size: int = 32) -> bytes:
+    # SEQUENCE { INTEGER r, INTEGER s }
+    assert der[0] == 0x30
+    i = 2 if der[1] < 0x80 else 2 + (der[1] & 0x7F)
+    out = b""
+    for _ in range(2):
+        assert der[i] == 0x02
+        n = der[i + 1]
+        v = der[i + 2:i + 2 + n].lstrip(b"\x00")
+        out += v.rjust(size, b"\x00")
+        i += 2 + n
+    return out
+
+
+def sign_jwt_openssl(claims: dict, alg: str, private_key: Path, *, header_alg: str | None = None
+                     ) -> str:
+    """A JWT signed with `alg` (RS256, ES256 or EdDSA) by openssl; `header_alg` may differ."""
+    hdr = {"alg": header_alg or alg, "typ": "JWT"}
+    signing_input = (b64url(json.dumps(hdr, separators=(",", ":")).encode()) + "."
+                     + b64url(json.dumps(claims, separators=(",", ":")).encode())).encode()
+    with tempfile.NamedTemporaryFile() as f:
+        f.write(signing_input)
+        f.flush()
+        if alg == "EdDSA":
+            cmd = ["openssl", "pkeyutl", "-sign", "-rawin", "-inkey", str(private_key),
+                   "-in", f.name]
+        else:
+            cmd = ["openssl", "dgst", "-sha256", "-sign", str(private_key), f.name]
+        sig = subprocess.run(cmd, check=True, capture_output=True).stdout
+    if alg == "ES256":
+        sig = _der_ecdsa_to_raw(sig)
+    return signing_input.decode() + "." + b64url(sig)

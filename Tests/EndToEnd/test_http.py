@@ -8,7 +8,8 @@ import re
 import pytest
 
 from relaylib import (
-    async_test, expect_close, recv_events, recv_json, settle, topic_count, ws_connect,
+    async_test, async_wait_until, expect_close, recv_events, recv_json, settle, topic_count,
+    ws_connect,
 )
 
 SECRET_TOPIC = "secret-topic-9f3a"
@@ -134,3 +135,42 @@ async def test_stats_topic_count_follows_topics(relay):
     assert await relay.aemit([{"topic": f"s{k}"} for k in range(3)]) == []
     await settle(relay, "s2", 1)
     assert topic_count(relay) == 3
+
+
+def metric_sum(body: str, word: str) -> float:
+    """Sum of the samples whose name contains `word` (histogram series left out)."""
+    return sum(v for n, _, v in parse_prometheus(body)
+               if word in n and not n.endswith(("_bucket", "_sum", "_count", "_created")))
+
+
+def histogram_count(body: str) -> float:
+    hist = set(re.findall(r"^# TYPE (\S+) histogram$", body, re.M))
+    return sum(v for n, _, v in parse_prometheus(body) if n.endswith("_count")
+               and n[:-len("_count")] in hist)
+
+
+@async_test
+async def test_metrics_move_with_traffic(relay):
+    before = relay.metrics()
+    ws = await ws_connect(relay, topics=["mt"])
+    await recv_json(ws)
+    # gauges may be sampled (about once a second): wait for them
+    subs0 = metric_sum(before, "subscription")
+    await async_wait_until(
+        lambda: metric_sum(relay.metrics(), "subscription") >= subs0 + 1,
+        3, what="the subscriptions gauge to count the subscription")
+    await async_wait_until(
+        lambda: metric_sum(relay.metrics(), "connection") >= metric_sum(before, "connection") + 1,
+        3, what="the connections gauge to count the connection")
+    assert await relay.aemit([{"topic": "mt", "i": i} for i in range(3)]) == []
+    await recv_events(ws, 3)
+    bad = await ws_connect(relay, token=relay.token(secret="wrong"))
+    await expect_close(bad)
+    after = relay.metrics()
+    assert metric_sum(after, "receiv") >= metric_sum(before, "receiv") + 3, "events received"
+    assert metric_sum(after, "deliver") >= metric_sum(before, "deliver") + 3, "deliveries"
+    assert metric_sum(after, "auth") >= metric_sum(before, "auth") + 1, "auth-failure closes"
+    await async_wait_until(lambda: metric_sum(relay.metrics(), "topic") >= 1, 3,
+                           what="the topics gauge to count the topic")
+    assert histogram_count(after) >= histogram_count(before) + 1, "delay histogram"
+    await ws.close()

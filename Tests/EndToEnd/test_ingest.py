@@ -167,7 +167,8 @@ async def test_edge_lines_that_are_valid(relay, line):
 RAW_CONTENT = [
     b'{"topic":"ing","a":1}',
     b'{ "topic" : "ing" ,\t"b" : [ 1 , 2 ]  ,"c":{ } }',
-    '{"topic":"ing","msg":"héllo wörld ✓ 😀 中文","esc":"\\u00e9\\ud83d\\ude00\\n\\"q\\"\\\\"}'.encode(),
+    '{"topic":"ing","msg":"héllo wörld ✓ 😀 中文",'
+    '"esc":"\\u00e9\\ud83d\\ude00\\n\\"q\\"\\\\"}'.encode(),
     b'{"topic":"ing","n":{"deep":{"deeper":[{"x":null},true,false,-0,1.50,1E+2,'
     b'12345678901234567890123,-1.0e-7]}}}',
     b'{"topic":"ing","z":1,"a":2,"m":3,"a2":[],"e":""}',

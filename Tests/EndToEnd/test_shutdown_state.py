@@ -34,7 +34,7 @@ async def test_signal_closes_subscribers_1001_and_exits_0(relay, sig):
         await recv_json(ws)
         clients.append(ws)
     t0 = time.monotonic()
-    relay.signal(sig)
+    relay.send_signal(sig)
     for ws in clients:
         frames, code = await expect_close(ws, timeout=5)
         assert code == 1001, code
@@ -52,7 +52,7 @@ async def test_shutdown_publishes_complete_lines_already_written(relay):
     s.connect(relay.socket_path)
     lines = [ev("sd", i) for i in range(1, 4)]
     s.sendall(b"\n".join(lines) + b'\n{"topic":"sd","partial":')
-    relay.signal(signal.SIGTERM)   # the emitter's connection stays open
+    relay.send_signal(signal.SIGTERM)   # the emitter's connection stays open
     frames, code = await expect_close(ws, timeout=5)
     assert code == 1001
     assert [json.dumps(f, separators=(",", ":")) for f in frames] == \
@@ -93,7 +93,7 @@ async def test_no_written_line_is_lost_at_shutdown(relay):
     t = threading.Thread(target=writer)
     t.start()
     await asyncio.sleep(0.3)
-    relay.signal(signal.SIGTERM)
+    relay.send_signal(signal.SIGTERM)
     try:
         frames, code = await expect_close(ws, timeout=8)
     finally:
@@ -221,6 +221,7 @@ async def test_max_topics_forgets_the_idle_longest(relay_factory):
     # the newest topic is kept, the oldest idle one is forgotten, the subscribed one is kept
     ws = await ws_connect(relay)
     assert (await subscribe(ws, "mt:999"))["seq"] == 1
+    assert [e["i"] for e in await recv_events(ws, 1)] == [999]
     f = await subscribe(ws, "mt:0")
     assert f["seq"] == 0
     f = await subscribe(ws, "mt:keep")
