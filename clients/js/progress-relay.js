@@ -1,1 +1,692 @@
-export class ProgressRelay {}
+// progress-relay.js: the browser client of progress-relay.
+//
+// One ES module, no build step, no dependencies. It keeps one WebSocket to the relay,
+// subscribes topics and patterns, reconnects with exponential backoff and jitter, resumes
+// every topic from its epoch and last seq (so no event is lost or repeated across a
+// reconnect), refreshes the token before it expires, and notices a dead connection.
+//
+//   import { ProgressRelay } from './progress-relay.js';
+//   const relay = new ProgressRelay('/ws', { getToken: () => fetch('/relay-token').then(r => r.text()) });
+//   relay.on('state', (s) => console.log(s.state));
+//   const stop = relay.subscribe('task:42', (event) => console.log(event.seq, event.type));
+//
+// The wire protocol is the relay's (README, "Delivery: WebSocket at GET /ws"); this file's
+// README (clients/js/README.md) says what the client guarantees.
+
+/** Close codes the relay sends, and 1006 (the browser's "no close frame"). */
+export const CloseCode = Object.freeze({
+  NORMAL: 1000,
+  GOING_AWAY: 1001,
+  PROTOCOL_ERROR: 1002,
+  UNSUPPORTED_DATA: 1003,
+  ABNORMAL: 1006,
+  INVALID_PAYLOAD: 1007,
+  MESSAGE_TOO_BIG: 1009,
+  TRY_AGAIN_LATER: 1013,
+  UNAUTHORIZED: 4401,
+  FORBIDDEN: 4403,
+});
+
+/** Close codes after which reconnecting cannot help (the relay's table: "fix the client"). */
+const FATAL_CLOSE = new Set([1002, 1003, 1007, 1009, 4403]);
+
+const DEFAULTS = Object.freeze({
+  pingInterval: 25000,   // ms between {"op":"ping"} when nothing else arrived; 0 turns heartbeats off
+  minDelay: 500,         // first reconnect delay, ms (before jitter)
+  maxDelay: 30000,       // longest reconnect delay, ms
+  connectTimeout: 10000, // a handshake not finished by then is given up and retried, ms
+  refreshBefore: 30000,  // refresh at most this long before `exp` (and at 75 % of a short token's life), ms
+  autoConnect: true,
+});
+
+const OPEN = 1; // WebSocket.OPEN, without needing the global at import time
+
+/**
+ * A connection to one relay. See progress-relay.d.ts for the types and the README for the
+ * guarantees.
+ */
+export class ProgressRelay {
+  /**
+   * @param {string | URL} url  the relay's WebSocket URL (`wss://host/ws`); `http(s):` and
+   *   URLs relative to the page (`/ws`) are accepted too.
+   * @param {object} options  `token` and/or `getToken`, plus the numbers in DEFAULTS.
+   */
+  constructor(url, options = {}) {
+    if (!options || (!options.token && typeof options.getToken !== 'function')) {
+      throw new TypeError('ProgressRelay: options.token or options.getToken is required');
+    }
+    this.url = toWebSocketURL(url);
+    this.options = { ...DEFAULTS, ...options };
+    this._token = options.token || null;
+    this._tokenAt = this._token ? Date.now() : 0;
+    this._getToken = typeof options.getToken === 'function' ? options.getToken : null;
+    this._needFreshToken = false;
+
+    /** @type {Map<string, Sub>} subscriptions by topic or pattern, in the order made */
+    this._subs = new Map();
+    /** @type {Map<string, TopicRecord>} what this client has seen of each topic */
+    this._topics = new Map();
+    /** @type {Map<string, Set<Function>>} */
+    this._handlers = new Map();
+
+    this._state = 'idle';
+    this._ws = null;
+    this._generation = 0;
+    this._attempt = 0;
+    this._stopped = true;
+    this._timers = { retry: 0, connect: 0, heartbeat: 0, refresh: 0 };
+    this._lastHeard = 0;
+    this._pingSentAt = 0;
+    this._authError = null; // the relay's `unauthorized` message on the current connection
+    this._refreshedExp = 0; // `exp` of the token the last refresh was to replace
+    this._onOnline = () => {
+      if (this._timers.retry) this._retryNow();
+    };
+
+    if (this.options.autoConnect) {
+      // A microtask, so that handlers added right after `new` see the first state.
+      queueMicrotask(() => {
+        if (this._state === 'idle') this.connect();
+      });
+    }
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // public API
+
+  /** `connecting`, `open` or `closed` (`idle` before the first connect). */
+  get state() {
+    return this._state;
+  }
+
+  /** The token in use (the newest one `getToken` gave). */
+  get token() {
+    return this._token;
+  }
+
+  /** Topics and patterns subscribed, in the order they were made. */
+  get topics() {
+    return [...this._subs.keys()];
+  }
+
+  /**
+   * Registers `handler` for `name`: `state`, `subscription`, `error` or `token`.
+   * Returns a function that removes it.
+   */
+  on(name, handler) {
+    if (typeof handler !== 'function') throw new TypeError('ProgressRelay.on: handler must be a function');
+    let set = this._handlers.get(name);
+    if (!set) this._handlers.set(name, (set = new Set()));
+    const entry = (...args) => handler(...args);
+    set.add(entry);
+    return () => set.delete(entry);
+  }
+
+  /**
+   * Subscribes to a topic (`task:42`) or a pattern (`task:*`, `*`). `onEvent(event, info)` is
+   * called for each event, in order, once; `options.onStatus(status)` for what happens to the
+   * subscription. Returns a function that ends this listener (and the subscription, when it
+   * was the last one).
+   */
+  subscribe(topic, onEvent, options = {}) {
+    if (typeof topic !== 'string' || topic === '') throw new TypeError('ProgressRelay.subscribe: topic must be a non-empty string');
+    if (typeof onEvent !== 'function') throw new TypeError('ProgressRelay.subscribe: onEvent must be a function');
+    let sub = this._subs.get(topic);
+    const isNew = !sub;
+    if (isNew) {
+      sub = {
+        key: topic,
+        pattern: topic.endsWith('*'),
+        prefix: topic.endsWith('*') ? topic.slice(0, -1) : topic,
+        listeners: new Set(),
+        acked: false,
+      };
+      this._subs.set(topic, sub);
+    }
+    const listener = { onEvent, onStatus: typeof options.onStatus === 'function' ? options.onStatus : null, primed: false };
+    sub.listeners.add(listener);
+    // A new listener starts with the current state: the newest event of each topic it covers
+    // that this connection has already seen (the relay does not send those again).
+    queueMicrotask(() => this._prime(sub, listener));
+    if (isNew && this._isOpen()) this._sendSubscribe(sub);
+    if (!isNew && sub.acked && listener.onStatus && sub.lastStatus) {
+      const status = { ...sub.lastStatus };
+      queueMicrotask(() => this._call(listener.onStatus, status));
+    }
+    let done = false;
+    return () => {
+      if (done) return;
+      done = true;
+      this._removeListener(sub, listener);
+    };
+  }
+
+  /** Opens the connection (done by the constructor unless `autoConnect: false`). */
+  connect() {
+    if (!this._stopped) return;
+    this._stopped = false;
+    this._attempt = 0;
+    if (typeof addEventListener === 'function') addEventListener('online', this._onOnline);
+    this._open();
+  }
+
+  /** Closes the connection for good (until `connect()`); subscriptions are kept. */
+  close() {
+    if (this._stopped && this._state === 'closed') return;
+    this._stopped = true;
+    if (typeof removeEventListener === 'function') removeEventListener('online', this._onOnline);
+    this._dropSocket(CloseCode.NORMAL, 'client closed');
+    this._clearTimer('retry');
+    this._clearTimer('refresh');
+    this._setState('closed', { reason: 'closed by the client' });
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // connection
+
+  async _open() {
+    const generation = ++this._generation;
+    this._setState('connecting', { attempt: this._attempt });
+    let token;
+    try {
+      token = await this._tokenForConnect();
+    } catch (error) {
+      if (generation !== this._generation || this._stopped) return;
+      if (error && error.fatal) return this._fail({ code: 'unauthorized', message: error.message });
+      this._emit('error', { code: 'token', message: 'getToken failed: ' + describe(error), error });
+      return this._scheduleRetry({});
+    }
+    if (generation !== this._generation || this._stopped) return;
+
+    const url = new URL(this.url.href);
+    url.searchParams.set('token', token);
+    let ws;
+    try {
+      ws = new WebSocket(url.href);
+    } catch (error) {
+      return this._fail({ code: 'bad_url', message: describe(error) });
+    }
+    this._ws = ws;
+    this._authError = null;
+    this._setTimer('connect', this.options.connectTimeout, () => {
+      if (this._ws === ws && ws.readyState !== OPEN) {
+        this._dropSocket();
+        this._scheduleRetry({ reason: 'handshake timed out' });
+      }
+    });
+    ws.onopen = () => {
+      if (this._ws !== ws) return;
+      this._clearTimer('connect');
+      this._lastHeard = Date.now();
+      this._pingSentAt = 0;
+      this._setState('open', { attempt: this._attempt });
+      // Topics first, with their resume points, then patterns: a pattern's snapshot then
+      // finds the topics' events already delivered and adds nothing twice.
+      for (const sub of this._subs.values()) if (!sub.pattern) this._sendSubscribe(sub);
+      for (const sub of this._subs.values()) if (sub.pattern) this._sendSubscribe(sub);
+      this._startHeartbeat();
+      this._scheduleRefresh();
+    };
+    ws.onmessage = (message) => {
+      if (this._ws !== ws) return;
+      this._lastHeard = Date.now();
+      if (typeof message.data === 'string') this._onFrame(message.data);
+    };
+    ws.onclose = (event) => {
+      if (this._ws !== ws) return;
+      this._ws = null;
+      this._stopConnectionTimers();
+      this._onClose(event.code, event.reason);
+    };
+    ws.onerror = () => {}; // a close event follows, with the code
+  }
+
+  /** The token to connect with: a fresh one after 4401, or when the current one has expired. */
+  async _tokenForConnect() {
+    const claims = decodeJwtPayload(this._token);
+    const expired = claims && typeof claims.exp === 'number' && claims.exp * 1000 <= Date.now() + 1000;
+    if (this._token && !this._needFreshToken && !(expired && this._getToken)) return this._token;
+    if (!this._getToken) {
+      const error = new Error(this._token ? 'the token was refused or has expired, and there is no getToken' : 'no token');
+      error.fatal = true;
+      throw error;
+    }
+    const token = await this._getToken();
+    if (typeof token !== 'string' || token === '') throw new Error('getToken returned no token');
+    this._adoptToken(token);
+    this._needFreshToken = false;
+    return token;
+  }
+
+  _adoptToken(token) {
+    this._token = token;
+    this._tokenAt = Date.now();
+    const claims = decodeJwtPayload(token);
+    this._emit('token', { token, exp: claims && typeof claims.exp === 'number' ? claims.exp : null });
+  }
+
+  _onClose(code, reason) {
+    if (this._stopped) return this._setState('closed', { code, reason });
+    if (code === CloseCode.UNAUTHORIZED) {
+      if (!this._getToken) {
+        return this._fail({ code: 'unauthorized', closeCode: code, message: this._authError || reason || 'token refused' });
+      }
+      this._needFreshToken = true;
+    }
+    if (FATAL_CLOSE.has(code)) {
+      return this._fail({ code: code === CloseCode.FORBIDDEN ? 'forbidden' : 'protocol', closeCode: code, message: reason || 'closed with ' + code });
+    }
+    this._scheduleRetry({ code, reason });
+  }
+
+  _fail(error) {
+    this._stopped = true;
+    this._dropSocket();
+    this._clearTimer('retry');
+    this._clearTimer('refresh');
+    this._emit('error', { ...error, fatal: true });
+    this._setState('closed', { code: error.closeCode, reason: error.message, fatal: true });
+  }
+
+  _scheduleRetry({ code, reason }) {
+    if (this._stopped) return;
+    const delay = backoffDelay(this._attempt, this.options.minDelay, this.options.maxDelay);
+    this._attempt += 1;
+    this._setState('connecting', { attempt: this._attempt, delay, code, reason });
+    this._setTimer('retry', delay, () => this._open());
+  }
+
+  _retryNow() {
+    this._clearTimer('retry');
+    this._open();
+  }
+
+  /** Forgets the socket at once (its late events are ignored) and closes it. */
+  _dropSocket(code = CloseCode.NORMAL, reason = '') {
+    const ws = this._ws;
+    this._ws = null;
+    this._generation += 1;
+    this._stopConnectionTimers();
+    if (!ws) return;
+    ws.onopen = ws.onmessage = ws.onclose = ws.onerror = null;
+    try {
+      ws.close(code, reason);
+    } catch (_) {
+      /* already closing */
+    }
+  }
+
+  _stopConnectionTimers() {
+    this._clearTimer('connect');
+    this._clearTimer('heartbeat');
+    this._clearTimer('refresh');
+  }
+
+  _isOpen() {
+    return !!this._ws && this._ws.readyState === OPEN && this._state === 'open';
+  }
+
+  _send(message) {
+    if (!this._ws || this._ws.readyState !== OPEN) return false;
+    this._ws.send(JSON.stringify(message));
+    return true;
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // heartbeat: the browser answers the relay's ping frames but does not show them to pages, so
+  // the client sends {"op":"ping"} when it heard nothing for half an interval, and declares the
+  // connection dead when nothing at all arrived for two intervals while a ping was unanswered.
+
+  _startHeartbeat() {
+    const interval = this.options.pingInterval;
+    if (!(interval > 0)) return;
+    const tick = () => {
+      if (!this._isOpen()) return;
+      const now = Date.now();
+      const idle = now - this._lastHeard;
+      const unanswered = this._pingSentAt > this._lastHeard;
+      if (unanswered && idle >= 2 * interval && now - this._pingSentAt >= interval / 2) {
+        this._dropSocket(CloseCode.NORMAL, 'no answer');
+        this._scheduleRetry({ reason: 'connection dead: nothing received for ' + Math.round(idle / 1000) + ' s' });
+        return;
+      }
+      if (!unanswered && idle >= interval / 2) {
+        this._pingSentAt = now;
+        this._send({ op: 'ping' });
+      }
+      this._setTimer('heartbeat', interval / 2, tick);
+    };
+    this._setTimer('heartbeat', interval / 2, tick);
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // token refresh: at min(refreshBefore, a quarter of the token's life) before `exp`, measured
+  // both on this clock and from the moment the token arrived (`exp - iat`), whichever is sooner,
+  // so that a browser clock that runs late does not miss the expiry.
+
+  _scheduleRefresh() {
+    this._clearTimer('refresh');
+    if (!this._getToken || !(this.options.refreshBefore > 0) || !this._isOpen()) return;
+    const claims = decodeJwtPayload(this._token);
+    if (!claims || typeof claims.exp !== 'number') return;
+    const now = Date.now();
+    let left = claims.exp * 1000 - now;
+    let life = left;
+    if (typeof claims.iat === 'number' && claims.exp > claims.iat) {
+      life = (claims.exp - claims.iat) * 1000;
+      left = Math.min(left, life - (now - this._tokenAt));
+    }
+    const lead = Math.min(this.options.refreshBefore, life / 4);
+    let delay = Math.max(0, left - lead);
+    if (this._refreshedExp && claims.exp <= this._refreshedExp) {
+      // getToken gave back a token that lasts no longer than the one it was to replace: ask
+      // again a little later rather than at once, and stop when it is about to expire.
+      if (left < 2000) return;
+      delay = Math.max(delay, Math.min(5000, left / 2));
+    }
+    this._setTimer('refresh', delay, () => this._refresh(claims.exp));
+  }
+
+  async _refresh(oldExp) {
+    const generation = this._generation;
+    this._refreshedExp = oldExp;
+    let token;
+    try {
+      token = await this._getToken();
+      if (typeof token !== 'string' || token === '') throw new Error('getToken returned no token');
+    } catch (error) {
+      if (generation !== this._generation || this._stopped) return;
+      this._emit('error', { code: 'token', message: 'getToken failed: ' + describe(error), error });
+      // Try again while the token lasts; after it, the relay closes with 4401 and the
+      // reconnect asks getToken again.
+      const left = oldExp * 1000 - Date.now();
+      if (left > 2000) this._setTimer('refresh', Math.min(5000, left / 2), () => this._refresh(oldExp));
+      return;
+    }
+    if (this._stopped) return;
+    this._adoptToken(token);
+    if (generation === this._generation && this._isOpen()) this._send({ op: 'refresh', token });
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // frames
+
+  _onFrame(text) {
+    let frame;
+    try {
+      frame = JSON.parse(text);
+    } catch (_) {
+      return;
+    }
+    if (!frame || typeof frame !== 'object') return;
+    if (typeof frame.op !== 'string') {
+      this._attempt = 0;
+      return this._onEvent(frame, text);
+    }
+    switch (frame.op) {
+      case 'subscribed':
+        this._attempt = 0;
+        return this._onSubscribed(frame);
+      case 'unsubscribed':
+        return this._onUnsubscribed(frame);
+      case 'refreshed':
+        this._attempt = 0;
+        this._emit('token', { token: this._token, exp: typeof frame.exp === 'number' ? frame.exp : null, refreshed: true });
+        return this._scheduleRefresh();
+      case 'pong':
+        this._attempt = 0;
+        return;
+      case 'error':
+        return this._onError(frame);
+      default:
+        return;
+    }
+  }
+
+  _sendSubscribe(sub) {
+    const message = { op: 'subscribe', topic: sub.key };
+    sub.acked = false;
+    sub.resumed = false;
+    if (!sub.pattern) {
+      const record = this._topics.get(sub.key);
+      if (record && record.epoch !== null) {
+        message.epoch = record.epoch;
+        message.since = record.seq;
+        sub.resumed = true;
+      }
+    }
+    this._send(message);
+  }
+
+  _onSubscribed(frame) {
+    const sub = this._subs.get(frame.topic);
+    if (!sub) return;
+    sub.acked = true;
+    if (!sub.pattern && typeof frame.epoch === 'string') {
+      const record = this._record(frame.topic);
+      const seq = typeof frame.seq === 'number' ? frame.seq : 0;
+      // Another numbering: the relay lost its state or forgot the topic.
+      const renumbered = record.epoch !== null ? record.epoch !== frame.epoch : record.seq > seq;
+      if (renumbered && (record.seq > 0 || record.text !== null)) {
+        record.seq = 0;
+        record.text = null;
+        record.gapPending = true;
+      }
+      record.epoch = frame.epoch;
+    }
+    const status = {
+      status: 'subscribed',
+      topic: frame.topic,
+      epoch: typeof frame.epoch === 'string' ? frame.epoch : null,
+      seq: typeof frame.seq === 'number' ? frame.seq : 0,
+      recovered: frame.recovered === true,
+      resumed: !!sub.resumed,
+    };
+    sub.lastStatus = status;
+    this._status(sub, status);
+  }
+
+  _onUnsubscribed(frame) {
+    // An answer to our own unsubscribe needs nothing; one with a reason is the relay's doing
+    // (a refreshed token no longer covers the topic).
+    if (!frame.reason) return;
+    const sub = this._subs.get(frame.topic);
+    if (!sub) return;
+    this._status(sub, { status: 'ended', topic: frame.topic, reason: frame.reason });
+    this._endSub(sub);
+  }
+
+  _onError(frame) {
+    if (frame.code === 'unauthorized') this._authError = typeof frame.message === 'string' ? frame.message : null;
+    const error = { code: frame.code, message: frame.message };
+    if (typeof frame.topic === 'string') error.topic = frame.topic;
+    const sub = typeof frame.topic === 'string' ? this._subs.get(frame.topic) : null;
+    if (sub && frame.code !== 'unauthorized') {
+      // forbidden, too_many_subscriptions, bad_request: the subscription ends.
+      this._status(sub, { status: 'error', topic: frame.topic, code: frame.code, message: frame.message });
+      this._endSub(sub);
+    }
+    this._emit('error', error);
+  }
+
+  _onEvent(event, text) {
+    const topic = event.topic;
+    const seq = event.seq;
+    if (typeof topic !== 'string' || typeof seq !== 'number') return;
+    let covered = false;
+    for (const sub of this._subs.values()) if (covers(sub, topic)) covered = true;
+    if (!covered) return; // a late event of a subscription just ended
+    const record = this._record(topic);
+    let gap = false;
+    if (record.seq > 0 || record.gapPending) {
+      if (seq <= record.seq) {
+        // Seen already, unless the numbering started again. With the topic's epoch known
+        // (a topic subscription) that would have come with a new epoch; through a pattern
+        // only, an older or different event at the same seq means a new numbering.
+        if (record.epoch !== null) return;
+        if (seq === record.seq && text === record.text) return;
+        gap = true;
+      } else if (seq !== record.seq + 1) {
+        gap = true;
+      }
+      if (record.gapPending) gap = true;
+    }
+    record.gapPending = false;
+    record.seq = seq;
+    record.text = text;
+    record.event = event;
+    for (const sub of this._subs.values()) {
+      if (!covers(sub, topic)) continue;
+      for (const listener of sub.listeners) {
+        if (!listener.primed) continue; // its microtask delivers the newest event first
+        this._call(listener.onEvent, event, { topic, seq, gap, subscription: sub.key, cached: false });
+      }
+    }
+  }
+
+  _prime(sub, listener) {
+    if (listener.primed || !sub.listeners.has(listener)) return;
+    listener.primed = true;
+    for (const [topic, record] of this._topics) {
+      if (record.event && covers(sub, topic)) {
+        this._call(listener.onEvent, record.event, { topic, seq: record.seq, gap: false, subscription: sub.key, cached: true });
+      }
+    }
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // bookkeeping
+
+  _record(topic) {
+    let record = this._topics.get(topic);
+    if (!record) {
+      record = { epoch: null, seq: 0, text: null, event: null, gapPending: false };
+      this._topics.set(topic, record);
+    }
+    return record;
+  }
+
+  _removeListener(sub, listener) {
+    sub.listeners.delete(listener);
+    if (sub.listeners.size > 0 || this._subs.get(sub.key) !== sub) return;
+    if (this._isOpen()) this._send({ op: 'unsubscribe', topic: sub.key });
+    this._endSub(sub);
+  }
+
+  _endSub(sub) {
+    if (this._subs.get(sub.key) !== sub) return;
+    this._subs.delete(sub.key);
+    sub.listeners.clear();
+    if (!sub.pattern) {
+      const record = this._topics.get(sub.key);
+      if (record) record.epoch = null; // only a topic subscription keeps the epoch current
+    }
+    // Forget topics no subscription covers any more.
+    for (const topic of [...this._topics.keys()]) {
+      let covered = false;
+      for (const other of this._subs.values()) if (covers(other, topic)) covered = true;
+      if (!covered) this._topics.delete(topic);
+    }
+  }
+
+  _status(sub, status) {
+    for (const listener of sub.listeners) if (listener.onStatus) this._call(listener.onStatus, status);
+    this._emit('subscription', status);
+  }
+
+  _setState(state, detail = {}) {
+    this._state = state;
+    this._emit('state', { state, ...detail });
+  }
+
+  _emit(name, value) {
+    const set = this._handlers.get(name);
+    if (!set) return;
+    for (const handler of [...set]) this._call(handler, value);
+  }
+
+  _call(fn, ...args) {
+    try {
+      fn(...args);
+    } catch (error) {
+      // A listener's exception must not break the connection: report it like an uncaught one.
+      setTimeout(() => {
+        throw error;
+      });
+    }
+  }
+
+  _setTimer(name, ms, fn) {
+    this._clearTimer(name);
+    this._timers[name] = setTimeout(() => {
+      this._timers[name] = 0;
+      fn();
+    }, ms);
+  }
+
+  _clearTimer(name) {
+    if (this._timers[name]) clearTimeout(this._timers[name]);
+    this._timers[name] = 0;
+  }
+}
+
+// --------------------------------------------------------------------------------------------
+// helpers (exported for pages and tests)
+
+/**
+ * The delay before reconnect attempt `attempt` (0 for the first): `min(maxDelay,
+ * minDelay * 2^attempt)`, with "equal jitter": a random point in its upper half.
+ */
+export function backoffDelay(attempt, minDelay = DEFAULTS.minDelay, maxDelay = DEFAULTS.maxDelay) {
+  const ceiling = Math.min(maxDelay, minDelay * Math.pow(2, Math.min(attempt, 30)));
+  return Math.round(ceiling / 2 + Math.random() * (ceiling / 2));
+}
+
+/** The claims of a JWT (not verified: only to read `exp`, `sub` and `topics`), or null. */
+export function decodeJwtPayload(token) {
+  if (typeof token !== 'string') return null;
+  const parts = token.split('.');
+  if (parts.length !== 3) return null;
+  try {
+    let base64 = parts[1].replace(/-/g, '+').replace(/_/g, '/');
+    base64 += '='.repeat((4 - (base64.length % 4)) % 4);
+    const binary = atob(base64);
+    const bytes = Uint8Array.from(binary, (c) => c.charCodeAt(0));
+    const claims = JSON.parse(new TextDecoder().decode(bytes));
+    return claims && typeof claims === 'object' && !Array.isArray(claims) ? claims : null;
+  } catch (_) {
+    return null;
+  }
+}
+
+/** Whether a grant or subscription `pattern` (`X`, or `P*`) covers `topic`. */
+export function topicMatches(pattern, topic) {
+  return pattern.endsWith('*') ? topic.startsWith(pattern.slice(0, -1)) : pattern === topic;
+}
+
+function covers(sub, topic) {
+  return sub.pattern ? topic.startsWith(sub.prefix) : sub.key === topic;
+}
+
+function toWebSocketURL(url) {
+  const base = typeof location !== 'undefined' && location.href ? location.href : undefined;
+  const parsed = new URL(String(url), base);
+  if (parsed.protocol === 'http:') parsed.protocol = 'ws:';
+  else if (parsed.protocol === 'https:') parsed.protocol = 'wss:';
+  if (parsed.protocol !== 'ws:' && parsed.protocol !== 'wss:') {
+    throw new TypeError('ProgressRelay: the URL must be ws:, wss:, http: or https:');
+  }
+  parsed.searchParams.delete('token');
+  return parsed;
+}
+
+function describe(error) {
+  return error && error.message ? error.message : String(error);
+}
+
+/**
+ * @typedef {{ key: string, pattern: boolean, prefix: string, listeners: Set<any>, acked: boolean,
+ *   resumed?: boolean, lastStatus?: object }} Sub
+ * @typedef {{ epoch: string | null, seq: number, text: string | null, event: object | null,
+ *   gapPending: boolean }} TopicRecord
+ */

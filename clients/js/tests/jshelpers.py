@@ -1,0 +1,98 @@
+"""Helpers shared by the browser tests: a resilient emitter and the module harness."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+
+def wait_js(driver, script: str, timeout: float = 10.0, what: str | None = None, interval: float = 0.05):
+    """Polls `return <script>` until it is truthy; returns that value."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while True:
+        last = driver.execute_script("return " + script)
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or script!r} (last value {last!r})")
+        time.sleep(interval)
+
+
+def emit_one(socket_path: str, event: dict, deadline_s: float = 20.0) -> None:
+    """Writes one event line on its own connection, as an emitter library does when the relay
+    may be restarting: the line counts as taken when the relay read to our end-of-file and
+    closed (it answers only bad lines); when connecting or writing fails, or the connection is
+    reset (it sat in the backlog of a relay that went away), the whole line is sent again on a
+    new connection."""
+    line = (json.dumps(event, separators=(",", ":")) + "\n").encode()
+    deadline = time.monotonic() + deadline_s
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        try:
+            s.connect(socket_path)
+            s.sendall(line)
+            s.shutdown(socket.SHUT_WR)
+            answer = b""
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                answer += chunk
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.03)
+            continue
+        finally:
+            s.close()
+        assert not answer, f"the relay rejected {line!r}: {answer!r}"
+        return
+
+
+class Emitter(threading.Thread):
+    """Emits events[i] every `interval` seconds in a thread; `sent` counts lines written."""
+
+    def __init__(self, socket_path: str, events: list[dict], interval: float):
+        super().__init__(daemon=True)
+        self.socket_path = socket_path
+        self.events = events
+        self.interval = interval
+        self.sent = 0
+        self.error: BaseException | None = None
+
+    def run(self):
+        try:
+            for event in self.events:
+                emit_one(self.socket_path, event)
+                self.sent += 1
+                time.sleep(self.interval)
+        except BaseException as e:  # reported by finish()
+            self.error = e
+
+    def finish(self, timeout: float = 60):
+        self.join(timeout)
+        assert not self.is_alive(), "the emitter did not finish"
+        if self.error:
+            raise self.error
+
+
+def open_harness(browser, page_server):
+    browser.get(page_server.base + "/tests/pages/module.html")
+    wait_js(browser, "window.harnessReady === true", 10, "the harness page to load")
+
+
+def harness_log(browser) -> dict:
+    return browser.execute_script("return window.harness.log")
+
+
+def events_of(browser, sub: str) -> list[dict]:
+    return browser.execute_script(
+        "return window.harness.log.events.filter(e => e.sub === arguments[0])", sub)
+
+
+def states(browser) -> list[str]:
+    return [s["state"] for s in harness_log(browser)["states"]]
