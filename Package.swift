@@ -71,6 +71,7 @@ let package = Package(
         ),
         .testTarget(name: "RelayHubTests", dependencies: ["RelayHub"]),
         .testTarget(name: "RelayAuthTests", dependencies: ["RelayAuth"]),
+        .testTarget(name: "ProgressEmitterTests", dependencies: ["ProgressEmitter"]),
     ],
     swiftLanguageModes: [.v6]
 )

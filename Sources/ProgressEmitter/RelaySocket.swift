@@ -72,16 +72,33 @@ public final class RelaySocket {
     /// Writes all of `bytes`; throws when the relay is gone (the caller resends the whole line elsewhere).
     public func write(_ bytes: some Collection<UInt8>) throws {
         let array = Array(bytes)
+        let (_, error) = array.withUnsafeBytes { write(raw: $0) }
+        if let error { throw error }
+    }
+
+    /// Writes as much of `bytes` as the relay takes; returns how many bytes were written and,
+    /// when not all, why. Lines wholly inside the written part are delivered; the rest must be resent.
+    func write(raw bytes: UnsafeRawBufferPointer) -> (written: Int, error: RelaySocketError?) {
         var offset = 0
-        while offset < array.count {
-            let written = array.withUnsafeBytes { raw in
-                send(descriptor, raw.baseAddress! + offset, raw.count - offset, Int32(MSG_NOSIGNAL))
-            }
+        while offset < bytes.count {
+            let written = send(descriptor, bytes.baseAddress! + offset, bytes.count - offset, Int32(MSG_NOSIGNAL))
             if written < 0 {
                 if errno == EINTR { continue }
-                throw RelaySocketError(operation: "write to", path: path, code: errno)
+                return (offset, RelaySocketError(operation: "write to", path: path, code: errno))
             }
             offset += written
+        }
+        return (offset, nil)
+    }
+
+    /// The relay's answers that have arrived, without waiting for more.
+    func readAvailable() -> [UInt8] {
+        var result = [UInt8]()
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let count = chunk.withUnsafeMutableBytes { recv(descriptor, $0.baseAddress!, $0.count, Int32(MSG_DONTWAIT)) }
+            if count <= 0 { return result }
+            result.append(contentsOf: chunk[0..<count])
         }
     }
 

@@ -1,0 +1,129 @@
+// LineQueue: the bounded queue between `emit` callers and the writer thread.
+
+import Foundation
+
+/// Counters shown by `ProgressEmitter`.
+struct EmitterCounters: Sendable {
+    var dropped = 0
+    var failed = 0
+    var rejected = 0
+    var written = 0
+}
+
+// Sendable by hand: every stored property is read and written only with `condition` locked.
+final class LineQueue: @unchecked Sendable {
+    private let condition = NSCondition()
+    private var lines: [[UInt8]] = []
+    private var head = 0
+    private let capacity: Int
+    /// Lines the writer took and has not confirmed yet (written, or handed back).
+    private var inFlight = 0
+    private var closed = false
+    private var stats = EmitterCounters()
+
+    init(capacity: Int) {
+        self.capacity = capacity
+    }
+
+    private var count: Int { lines.count - head }
+
+    func append(_ line: [UInt8]) {
+        condition.lock()
+        defer { condition.unlock() }
+        guard !closed else {
+            stats.dropped += 1
+            return
+        }
+        if count + inFlight >= capacity, count > 0 {
+            head += 1
+            stats.dropped += 1
+        }
+        lines.append(line)
+        condition.signal()
+    }
+
+    func countFailure() {
+        condition.lock()
+        stats.failed += 1
+        condition.unlock()
+    }
+
+    var counters: EmitterCounters {
+        condition.lock()
+        defer { condition.unlock() }
+        return stats
+    }
+
+    /// Waits for lines and takes up to `limit` of them; nil once closed and empty.
+    func take(limit: Int) -> [[UInt8]]? {
+        condition.lock()
+        defer { condition.unlock() }
+        while count == 0, !closed { condition.wait() }
+        guard count > 0 else { return nil }
+        let end = min(lines.count, head + limit)
+        let batch = Array(lines[head..<end])
+        head = end
+        inFlight += batch.count
+        if head > 4096, head * 2 > lines.count {
+            lines.removeFirst(head)
+            head = 0
+        }
+        return batch
+    }
+
+    /// The writer wrote `count` lines of its batch.
+    func confirm(_ count: Int) {
+        condition.lock()
+        inFlight -= count
+        stats.written += count
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    func countRejected(_ count: Int) {
+        guard count > 0 else { return }
+        condition.lock()
+        stats.rejected += count
+        condition.unlock()
+    }
+
+    var isClosed: Bool {
+        condition.lock()
+        defer { condition.unlock() }
+        return closed
+    }
+
+    /// Sleeps up to `duration`, waking early when the queue is closed.
+    func pause(_ duration: Duration) {
+        condition.lock()
+        defer { condition.unlock() }
+        let deadline = Date(timeIntervalSinceNow: duration.seconds)
+        while !closed, Date() < deadline {
+            _ = condition.wait(until: deadline)
+        }
+    }
+
+    func waitUntilDrained(timeout: Duration) -> Bool {
+        condition.lock()
+        defer { condition.unlock() }
+        let deadline = Date(timeIntervalSinceNow: timeout.seconds)
+        while count + inFlight > 0 {
+            if closed || !condition.wait(until: deadline) { return count + inFlight == 0 }
+        }
+        return true
+    }
+
+    func close() {
+        condition.lock()
+        closed = true
+        condition.broadcast()
+        condition.unlock()
+    }
+}
+
+extension Duration {
+    var seconds: Double {
+        let (whole, fraction) = components
+        return Double(whole) + Double(fraction) / 1e18
+    }
+}
