@@ -53,7 +53,7 @@ public enum IngestLineParser {
     /// The top-level object counts as depth 1.
     static let maxDepth = 512
     /// Topics become subscription keys and metric labels; keep them short.
-    static let maxTopicBytes = 256
+    static let maxTopicBytes = TopicName.maximumLength
     /// `type` is a routing hint for subscribers, not content.
     static let maxTypeBytes = 64
 
@@ -145,7 +145,7 @@ extension IngestLineParser {
         withUnsafeTemporaryAllocation(of: UInt8.self, capacity: maxTopicBytes) { buf in
             var count = 0
             let complete = decodeStringBody(p, from: field.start, to: field.end) { b in
-                guard count < maxTopicBytes, isTopicByte(b) else { return false }
+                guard count < maxTopicBytes, TopicName.isTopicByte(b) else { return false }
                 buf[count] = b
                 count &+= 1
                 return true
@@ -166,20 +166,6 @@ extension IngestLineParser {
             }
             guard complete else { return nil }
             return String(decoding: UnsafeBufferPointer(rebasing: buf[0..<count]), as: UTF8.self)
-        }
-    }
-
-    /// The topic alphabet is what is safe unquoted in URLs, metric labels and log lines.
-    @inline(__always)
-    private static func isTopicByte(_ b: UInt8) -> Bool {
-        switch b {
-        case UInt8(ascii: "a")...UInt8(ascii: "z"), UInt8(ascii: "A")...UInt8(ascii: "Z"),
-             UInt8(ascii: "0")...UInt8(ascii: "9"),
-             UInt8(ascii: "_"), UInt8(ascii: "-"), UInt8(ascii: "."), UInt8(ascii: ":"),
-             UInt8(ascii: "/"), UInt8(ascii: "@"), UInt8(ascii: "="):
-            return true
-        default:
-            return false
         }
     }
 }
