@@ -21,7 +21,7 @@ public final class Relay: Sendable {
     private let group: MultiThreadedEventLoopGroup
     private let driver: HubDriver
     private let ingest: IngestListener
-    private let httpChannel: any Channel
+    private let http: HTTPListener
     private let upkeep: RepeatedTask
     private let notifier: SystemdNotifier?
     private let statusTask = NIOLockedValueBox<RepeatedTask?>(nil)
@@ -30,15 +30,15 @@ public final class Relay: Sendable {
 
     private init(
         configuration: RelayConfiguration, group: MultiThreadedEventLoopGroup, driver: HubDriver,
-        ingest: IngestListener, httpChannel: any Channel, upkeep: RepeatedTask, notifier: SystemdNotifier?,
+        ingest: IngestListener, http: HTTPListener, upkeep: RepeatedTask, notifier: SystemdNotifier?,
         metrics: RelayMetrics, logger: Logger
     ) {
         self.configuration = configuration
         self.group = group
         self.driver = driver
         self.ingest = ingest
-        self.httpChannel = httpChannel
-        self.httpAddress = httpChannel.localAddress!
+        self.http = http
+        self.httpAddress = http.address
         self.upkeep = upkeep
         self.notifier = notifier
         self.logger = logger
@@ -137,36 +137,32 @@ public final class Relay: Sendable {
                     }
             })
 
-        let bootstrap = ServerBootstrap(group: group)
-            .serverChannelOption(.backlog, value: 1024)
-            .serverChannelOption(.socketOption(.so_reuseaddr), value: 1)
-            .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
-            .childChannelInitializer { channel in
-                channel.pipeline.configureHTTPServerPipeline(
-                    withServerUpgrade: (
-                        upgraders: [upgrader],
-                        completionHandler: { context in
-                            // After the handshake the plain HTTP routes must not see WebSocket bytes.
-                            if let http = try? context.pipeline.syncOperations.context(handlerType: HTTPHandler.self) {
-                                context.pipeline.syncOperations.removeHandler(context: http, promise: nil)
-                            }
-                        }
-                    ),
-                    withErrorHandling: true
-                ).flatMapThrowing {
-                    try channel.pipeline.syncOperations.addHandler(HTTPHandler(routes: routes))
-                }
-            }
-        let httpChannel: any Channel
+        let http: HTTPListener
         do {
             if let adopted = configuration.adoptedHTTPDescriptor {
-                httpChannel = try await bootstrap.withBoundSocket(adopted).get()
+                http = try HTTPListener.adopt(descriptor: adopted)
             } else {
-                httpChannel = try await bootstrap.bind(host: configuration.listenHost, port: configuration.listenPort).get()
+                http = try HTTPListener.bind(host: configuration.listenHost, port: configuration.listenPort)
             }
         } catch {
             ingest.stopAccepting()
             throw RelayStartError.listen("\(configuration.listenHost):\(configuration.listenPort)", "\(error)")
+        }
+        http.start(group: group, logger: logger) { channel in
+            channel.pipeline.configureHTTPServerPipeline(
+                withServerUpgrade: (
+                    upgraders: [upgrader],
+                    completionHandler: { context in
+                        // After the handshake the plain HTTP routes must not see WebSocket bytes.
+                        if let http = try? context.pipeline.syncOperations.context(handlerType: HTTPHandler.self) {
+                            context.pipeline.syncOperations.removeHandler(context: http, promise: nil)
+                        }
+                    }
+                ),
+                withErrorHandling: true
+            ).flatMapThrowing {
+                try channel.pipeline.syncOperations.addHandler(HTTPHandler(routes: routes))
+            }
         }
 
         let ingestEnvironment = IngestEnvironment(
@@ -177,7 +173,7 @@ public final class Relay: Sendable {
             }
         }
         let relay = Relay(
-            configuration: configuration, group: group, driver: driver, ingest: ingest, httpChannel: httpChannel,
+            configuration: configuration, group: group, driver: driver, ingest: ingest, http: http,
             upkeep: upkeep, notifier: notifier, metrics: metrics, logger: logger)
         logger.notice(
             "relay serving",
@@ -209,7 +205,7 @@ public final class Relay: Sendable {
         notifier?.notify("STOPPING=1\nSTATUS=shutting down")
         statusTask.withLockedValue { $0?.cancel() }
         ingest.stopAccepting()
-        httpChannel.close(promise: nil)
+        http.stopAccepting()
 
         let began = NIODeadline.now()
         func elapsed() -> String { "\((NIODeadline.now() - began).nanoseconds / 1_000_000) ms" }

@@ -1,13 +1,11 @@
-// IngestListener: the Unix socket emitters connect to, and its accept thread.
+// IngestListener: the Unix socket emitters connect to, and their connections.
 //
-// The relay accepts ingest connections itself rather than through NIO's
-// ServerBootstrap, because shutdown must shut down only the reading side of
-// each emitter connection with `shutdown(fd, SHUT_RD)` and then read what was
-// already written: NIO's `close(mode: .input)` stops reading at once and
-// would drop those lines. Each accepted descriptor is handed to NIO with
-// `ClientBootstrap.withConnectedSocket`, and its number is kept for that
-// shutdown. Accepting on a dedicated thread keeps `accept` off the event
-// loops; running out of descriptors backs off instead of spinning.
+// The relay accepts ingest connections itself (see Acceptor) rather than
+// through NIO's ServerBootstrap, because shutdown must shut down only the
+// reading side of each emitter connection with `shutdown(fd, SHUT_RD)` and
+// then read what was already written: NIO's `close(mode: .input)` stops
+// reading at once and would drop those lines. So each descriptor's number is
+// kept, with its channel, for that shutdown.
 
 #if canImport(Glibc)
 import Glibc
@@ -46,24 +44,13 @@ public enum IngestSocketError: Error, CustomStringConvertible {
 }
 
 final class IngestListener: Sendable {
-    let descriptor: CInt
     let path: String?
-    private let wake: (read: CInt, write: CInt)
+    private let acceptor: Acceptor
     private let connections = NIOLockedValueBox<[ObjectIdentifier: (descriptor: CInt, channel: any Channel)]>([:])
-    private let stopped = NIOLockedValueBox(false)
-    private let finished: NIOLockedValueBox<Bool>
 
     private init(descriptor: CInt, path: String?) throws {
-        self.descriptor = descriptor
         self.path = path
-        var fds: [CInt] = [0, 0]
-        guard pipe(&fds) == 0 else {
-            throw IngestSocketError.system("pipe", path ?? "", errno)
-        }
-        for fd in fds { Self.setFlags(fd) }
-        wake = (fds[0], fds[1])
-        finished = NIOLockedValueBox(false)
-        _ = fcntl(descriptor, F_SETFL, fcntl(descriptor, F_GETFL) | O_NONBLOCK)
+        acceptor = try Acceptor(descriptor: descriptor, name: "ingest-accept")
     }
 
     /// Binds `path`, replacing a stale socket file but never a live one or a non-socket.
@@ -123,52 +110,14 @@ final class IngestListener: Sendable {
 
     // MARK: Accepting
 
-    /// Starts the accept thread; `configure` sets up each accepted connection's pipeline.
+    /// Starts accepting; `configure` sets up each accepted connection's pipeline.
     func start(
         group: any EventLoopGroup, logger: Logger,
         configure: @escaping @Sendable (any Channel, PeerCredentials) -> EventLoopFuture<Void>
     ) {
-        let thread = Thread { [self] in
-            self.acceptLoop(group: group, logger: logger, configure: configure)
-        }
-        thread.name = "ingest-accept"
-        thread.start()
-    }
-
-    private func acceptLoop(
-        group: any EventLoopGroup, logger: Logger,
-        configure: @escaping @Sendable (any Channel, PeerCredentials) -> EventLoopFuture<Void>
-    ) {
-        defer { finished.withLockedValue { $0 = true } }
-        var fds = [pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0), pollfd(fd: wake.read, events: Int16(POLLIN), revents: 0)]
-        var lastExhaustionLog = NIODeadline.uptimeNanoseconds(0)
-        while !stopped.withLockedValue({ $0 }) {
-            fds[0].revents = 0
-            fds[1].revents = 0
-            guard poll(&fds, 2, -1) >= 0 || errno == EINTR else { break }
-            if fds[1].revents != 0 { break }
-            guard fds[0].revents != 0 else { continue }
-            let connection = accept(descriptor, nil, nil)
-            guard connection >= 0 else {
-                let code = errno
-                switch code {
-                case EAGAIN, EWOULDBLOCK, EINTR, ECONNABORTED, EPROTO:
-                    continue
-                default:
-                    // EMFILE, ENFILE, ENOBUFS: the connection waits in the backlog; try again later.
-                    if NIODeadline.now() - lastExhaustionLog > .seconds(10) {
-                        lastExhaustionLog = .now()
-                        logger.warning(
-                            "cannot accept emitter connections",
-                            metadata: ["error": "\(String(cString: strerror(code)))"])
-                    }
-                    usleep(100_000)
-                    continue
-                }
-            }
-            Self.setFlags(connection)
+        acceptor.start(logger: logger) { [self] connection in
             let credentials = Self.credentials(of: connection)
-            let registered = ClientBootstrap(group: group)
+            ClientBootstrap(group: group)
                 .channelOption(.allowRemoteHalfClosure, value: true)
                 .channelOption(.maxMessagesPerRead, value: 16)
                 .channelOption(
@@ -177,21 +126,15 @@ final class IngestListener: Sendable {
                 )
                 .channelInitializer { channel in configure(channel, credentials) }
                 .withConnectedSocket(connection)
-            registered.whenComplete { [self] (result: Result<any Channel, any Error>) in
-                switch result {
-                case .success(let channel):
-                    self.track(channel, descriptor: connection)
-                case .failure(let error):
-                    logger.warning("could not serve an emitter connection", metadata: ["error": "\(error)"])
+                .whenComplete { (result: Result<any Channel, any Error>) in
+                    switch result {
+                    case .success(let channel):
+                        self.track(channel, descriptor: connection)
+                    case .failure(let error):
+                        logger.warning("could not serve an emitter connection", metadata: ["error": "\(error)"])
+                    }
                 }
-            }
         }
-    }
-
-    /// Non-blocking and close-on-exec (Glibc's module does not export `accept4` or `pipe2`).
-    private static func setFlags(_ fd: CInt) {
-        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
-        _ = fcntl(fd, F_SETFD, fcntl(fd, F_GETFD) | FD_CLOEXEC)
     }
 
     /// `struct ucred` from <sys/socket.h>, which Glibc's module leaves out (it needs _GNU_SOURCE).
@@ -230,18 +173,10 @@ final class IngestListener: Sendable {
 
     /// Stops accepting. A bound socket is closed and unlinked; an adopted one stays open for the next process.
     func stopAccepting() {
-        let already = stopped.withLockedValue { value -> Bool in
-            defer { value = true }
-            return value
-        }
-        guard !already else { return }
-        var byte: UInt8 = 1
-        _ = write(wake.write, &byte, 1)
-        // The accept thread ends within one poll wake-up; wait for it so no accept races the shutdown.
-        for _ in 0..<200 where !finished.withLockedValue({ $0 }) { usleep(5_000) }
+        acceptor.stop()
         if let path {
             unlink(path)
-            close(descriptor)
+            close(acceptor.descriptor)
         }
     }
 

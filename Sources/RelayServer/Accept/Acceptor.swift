@@ -1,0 +1,118 @@
+// Acceptor: the accept loop of one listening socket, on a thread of its own.
+//
+// Both listeners (the ingest socket and the HTTP port) accept here and hand
+// each new descriptor to NIO with `ClientBootstrap.withConnectedSocket`.
+// Owning `accept` lets the relay keep each ingest descriptor for the
+// shutdown drain, and lets it refuse connections cleanly when descriptors
+// run out: a spare descriptor is kept open; on EMFILE/ENFILE it is closed,
+// the waiting connection is accepted and closed at once (the client sees
+// the refusal and may retry), and the spare is taken again. NIO's server
+// channel retries a failing accept from a level-triggered epoll instead,
+// which spins a core (seen with swift-nio 2.101 even with its
+// AcceptBackoffHandler).
+
+#if canImport(Glibc)
+import Glibc
+#endif
+import Foundation
+import Logging
+import NIOConcurrencyHelpers
+import NIOCore
+
+final class Acceptor: Sendable {
+    let descriptor: CInt
+    private let name: String
+    private let wake: (read: CInt, write: CInt)
+    private let stopped = NIOLockedValueBox(false)
+    private let finished = NIOLockedValueBox(false)
+
+    /// - Parameter descriptor: a listening stream socket; made non-blocking here.
+    init(descriptor: CInt, name: String) throws {
+        self.descriptor = descriptor
+        self.name = name
+        var fds: [CInt] = [0, 0]
+        guard pipe(&fds) == 0 else { throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO) }
+        for fd in fds { Self.setFlags(fd) }
+        wake = (fds[0], fds[1])
+        _ = fcntl(descriptor, F_SETFL, fcntl(descriptor, F_GETFL) | O_NONBLOCK)
+    }
+
+    /// Starts the thread; `handOff` receives each accepted, non-blocking, close-on-exec descriptor.
+    func start(logger: Logger, handOff: @escaping @Sendable (CInt) -> Void) {
+        let thread = Thread { [self] in
+            self.run(logger: logger, handOff: handOff)
+        }
+        thread.name = name
+        thread.start()
+    }
+
+    private func run(logger: Logger, handOff: @Sendable (CInt) -> Void) {
+        defer { finished.withLockedValue { $0 = true } }
+        var spare = open("/dev/null", O_RDONLY | O_CLOEXEC)
+        var fds = [
+            pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0),
+            pollfd(fd: wake.read, events: Int16(POLLIN), revents: 0),
+        ]
+        var lastWarning = NIODeadline.uptimeNanoseconds(0)
+        var refused = 0
+        while !stopped.withLockedValue({ $0 }) {
+            fds[0].revents = 0
+            fds[1].revents = 0
+            guard poll(&fds, 2, -1) >= 0 || errno == EINTR else { break }
+            if fds[1].revents != 0 { break }
+            guard fds[0].revents != 0 else { continue }
+            let connection = accept(descriptor, nil, nil)
+            if connection >= 0 {
+                Self.setFlags(connection)
+                handOff(connection)
+                continue
+            }
+            let code = errno
+            switch code {
+            case EAGAIN, EWOULDBLOCK, EINTR, ECONNABORTED, EPROTO:
+                continue
+            case EMFILE, ENFILE:
+                // Refuse the waiting connection with the spare descriptor rather than leave it to spin.
+                if spare >= 0 {
+                    close(spare)
+                    let refusedConnection = accept(descriptor, nil, nil)
+                    if refusedConnection >= 0 {
+                        close(refusedConnection)
+                        refused += 1
+                    }
+                    spare = open("/dev/null", O_RDONLY | O_CLOEXEC)
+                } else {
+                    spare = open("/dev/null", O_RDONLY | O_CLOEXEC)
+                    usleep(10_000)
+                }
+            default:
+                usleep(10_000)
+            }
+            if NIODeadline.now() - lastWarning > .seconds(10) {
+                lastWarning = .now()
+                logger.warning(
+                    "cannot accept connections, refusing them",
+                    metadata: ["listener": "\(name)", "error": "\(String(cString: strerror(code)))", "refused": "\(refused)"])
+            }
+        }
+        if spare >= 0 { close(spare) }
+    }
+
+    /// Stops accepting and waits (briefly) for the thread to leave `accept`; the socket stays open.
+    func stop() {
+        let already = stopped.withLockedValue { value -> Bool in
+            defer { value = true }
+            return value
+        }
+        guard !already else { return }
+        var byte: UInt8 = 1
+        _ = write(wake.write, &byte, 1)
+        for _ in 0..<200 where !finished.withLockedValue({ $0 }) { usleep(5_000) }
+    }
+
+    /// Non-blocking and close-on-exec (Glibc's module does not export `accept4` or `pipe2`).
+    static func setFlags(_ fd: CInt) {
+        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+        _ = fcntl(fd, F_SETFD, fcntl(fd, F_GETFD) | FD_CLOEXEC)
+    }
+}
