@@ -99,36 +99,41 @@ public final class ProgressEmitter: Sendable {
 }
 
 /// The contract's progress events for one topic, as progress pages expect them.
+///
+/// The defaults match the Python client's: `status` "PROGRESS", `message` "current/total",
+/// `progress` a percentage with one decimal, `complete`'s `message` "done".
 public struct TaskProgress: Sendable {
     public let topic: String
     public let emitter: ProgressEmitter
 
     /// `progress` (0 to 100, from `current` and `total`), `current`, `total`, `message`, `status`.
-    public func progress(current: Int, total: Int, message: String? = nil, status: String? = nil) {
-        let percent = total > 0 ? min(100, max(0, (Double(current) * 10_000 / Double(total)).rounded() / 100)) : 0
-        var fields: [String: any Encodable & Sendable] = ["progress": percent, "current": current, "total": total]
-        if let message { fields["message"] = message }
-        if let status { fields["status"] = status }
-        emitter.emit(topic: topic, type: "progress", fields: fields)
+    public func progress(current: Int, total: Int, message: String? = nil, status: String = "PROGRESS") {
+        let percent = total > 0 ? min(100, max(0, (Double(current) * 1000 / Double(total)).rounded() / 10)) : 0
+        emitter.emit(
+            topic: topic, type: "progress",
+            fields: [
+                "progress": percent, "current": current, "total": total,
+                "message": message ?? "\(current)/\(total)", "status": status,
+            ])
     }
 
     /// `complete` with `success: true`, and the task's result when it has one.
-    public func complete(result: (any Encodable & Sendable)? = nil, message: String? = nil) {
-        var fields: [String: any Encodable & Sendable] = ["success": true]
+    public func complete(result: (any Encodable & Sendable)? = nil, message: String = "done") {
+        var fields: [String: any Encodable & Sendable] = ["success": true, "message": message]
         if let result { fields["result"] = result }
-        if let message { fields["message"] = message }
         emitter.emit(topic: topic, type: "complete", fields: fields)
     }
 
     /// `error` with what went wrong.
-    public func fail(error: String, details: String? = nil) {
+    public func fail(error: String, details: (any Encodable & Sendable)? = nil) {
         var fields: [String: any Encodable & Sendable] = ["error": error]
         if let details { fields["details"] = details }
         emitter.emit(topic: topic, type: "error", fields: fields)
     }
 
-    /// `error` from a thrown error.
+    /// `error` from a thrown error: "TypeName: description", and the type in `details`.
     public func fail(_ error: any Error) {
-        fail(error: String(describing: error), details: String(reflecting: error))
+        let typeName = String(describing: Swift.type(of: error))
+        fail(error: "\(typeName): \(error)", details: ["type": typeName])
     }
 }

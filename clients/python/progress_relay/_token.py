@@ -1,0 +1,82 @@
+"""Relay tokens (HS256 JWTs) minted with the standard library, for web applications that hand
+tokens to their pages."""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import hashlib
+import hmac
+import json
+import re
+import time
+from typing import Any, Iterable, Mapping, Optional, Union
+
+__all__ = ["token", "read_secret"]
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_TTL_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([smhd]?)\s*\Z")
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _seconds(ttl: Union[int, float, str, datetime.timedelta]) -> int:
+    if isinstance(ttl, datetime.timedelta):
+        seconds = ttl.total_seconds()
+    elif isinstance(ttl, str):
+        m = _TTL_RE.match(ttl)
+        if not m:
+            raise ValueError(f"ttl {ttl!r}: expected seconds or a number with s, m, h or d")
+        seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+    elif isinstance(ttl, (int, float)) and not isinstance(ttl, bool):
+        seconds = float(ttl)
+    else:
+        raise TypeError(f"ttl must be seconds, a timedelta or a string like '15m', not {ttl!r}")
+    if not (seconds >= 1 and seconds < float("inf")):
+        raise ValueError(f"ttl {ttl!r}: must be at least one second")
+    return int(seconds)
+
+
+def token(secret: Union[str, bytes], sub: str, topics: Union[str, Iterable[str]] = (),
+          ttl: Union[int, float, str, datetime.timedelta] = 3600, *,
+          now: Optional[float] = None, claims: Optional[Mapping[str, Any]] = None) -> str:
+    """An HS256 relay token for user ``sub``, granting ``topics`` (topic names or patterns such
+    as ``"task:*"``), valid ``ttl`` from now: seconds, a ``timedelta``, or a string such as
+    ``"90"``, ``"15m"``, ``"1h"``, ``"7d"`` (as ``progress-relay token --ttl``).
+
+    ``secret`` is the relay's ``--jwt-secret-file`` content without its trailing newline (a str
+    is encoded as UTF-8; :func:`read_secret` reads such a file). Claims: ``sub``, ``topics``,
+    ``iat`` and ``exp`` (whole seconds), plus ``claims`` if given.
+    Raises ``ValueError``/``TypeError`` on bad arguments."""
+    key = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
+    if not key:
+        raise ValueError("the secret is empty")
+    if not isinstance(sub, str) or not sub:
+        raise ValueError("sub must be a non-empty string")
+    topic_list = [topics] if isinstance(topics, str) else list(topics)
+    for t in topic_list:
+        if not isinstance(t, str) or not t:
+            raise ValueError(f"topics must be non-empty strings, got {t!r}")
+    issued = int(time.time() if now is None else now)
+    payload = {"sub": sub, "topics": topic_list, "iat": issued, "exp": issued + _seconds(ttl)}
+    if claims:
+        payload.update(claims)
+    header = {"alg": "HS256", "typ": "JWT"}
+    signing_input = (_b64url(json.dumps(header, separators=(",", ":")).encode()) + "."
+                     + _b64url(json.dumps(payload, separators=(",", ":")).encode()))
+    signature = hmac.new(key, signing_input.encode("ascii"), hashlib.sha256).digest()
+    return signing_input + "." + _b64url(signature)
+
+
+def read_secret(path: str) -> bytes:
+    """The secret in ``path`` as the relay reads its ``--jwt-secret-file``: the file's bytes with
+    one trailing newline (``\\n`` or ``\\r\\n``) removed."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.endswith(b"\n"):
+        data = data[:-1]
+        if data.endswith(b"\r"):
+            data = data[:-1]
+    return data

@@ -1,0 +1,54 @@
+"""Fixtures and report hooks shared by the Python and shell client tests (their conftest.py files
+import everything from here): real relay processes, real sockets."""
+
+from __future__ import annotations
+
+import pytest
+
+import prhelpers
+from prhelpers import Relay
+
+__all__ = ["pytest_report_header", "pytest_runtest_makereport", "relay_factory", "relay"]
+
+_STARTED: list = []
+
+
+def pytest_report_header(config):
+    try:
+        return f"progress-relay binary: {prhelpers.relay_bin()}"
+    except RuntimeError as e:
+        return str(e)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)
+    if rep.failed and rep.when in ("setup", "call"):
+        for r in _STARTED:
+            rep.sections.append(("relay stderr", r.log_tail(20000)))
+
+
+@pytest.fixture
+def relay_factory():
+    """make(*extra_args, start=True, socket_path=None) -> Relay; stopped and removed at the end."""
+    made = []
+    _STARTED.clear()
+
+    def make(*extra_args, start=True, socket_path=None, directory=None):
+        r = Relay(*extra_args, socket_path=socket_path, directory=directory)
+        made.append(r)
+        _STARTED.append(r)
+        if start:
+            r.start()
+        return r
+
+    yield make
+    for r in made:
+        r.cleanup()
+
+
+@pytest.fixture
+def relay(relay_factory):
+    return relay_factory()
