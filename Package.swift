@@ -69,6 +69,8 @@ let package = Package(
                 .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
             ]
         ),
+        // What `emit` costs a worker: a benchmark that prints figures.
+        .executableTarget(name: "emitter-bench", dependencies: ["ProgressEmitter"]),
         .testTarget(name: "RelayHubTests", dependencies: ["RelayHub"]),
         .testTarget(name: "RelayAuthTests", dependencies: ["RelayAuth"]),
         .testTarget(name: "ProgressEmitterTests", dependencies: ["ProgressEmitter"]),

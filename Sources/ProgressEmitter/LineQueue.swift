@@ -54,6 +54,30 @@ final class LineQueue: @unchecked Sendable {
         return stats
     }
 
+    /// Waits until there is a line to send; false once closed and empty.
+    func waitForLines() -> Bool {
+        condition.lock()
+        defer { condition.unlock() }
+        while count == 0, !closed { condition.wait() }
+        return count > 0
+    }
+
+    /// Lines the writer could not write go back to the front, oldest first, and are dropped
+    /// like any other when the queue overflows: the writer holds lines only while writing them.
+    func giveBack(_ unwritten: [[UInt8]]) {
+        guard !unwritten.isEmpty else { return }
+        condition.lock()
+        defer { condition.unlock() }
+        inFlight -= unwritten.count
+        lines.replaceSubrange(head..<head, with: unwritten)
+        let excess = count - capacity
+        if excess > 0 {
+            head += excess
+            stats.dropped += excess
+        }
+        condition.broadcast()
+    }
+
     /// Waits for lines and takes up to `limit` of them; nil once closed and empty.
     func take(limit: Int) -> [[UInt8]]? {
         condition.lock()

@@ -16,41 +16,39 @@ struct LineWriter {
     func run() {
         var connection: RelaySocket?
         var backoff = Duration.milliseconds(50)
-        var pending: [[UInt8]] = []
-        while true {
-            if pending.isEmpty {
-                guard let batch = queue.take(limit: batchLimit) else { return }
-                pending = batch
+        while queue.waitForLines() {
+            // Connect before taking lines, so that while the relay is away every queued line
+            // stays in the queue, where overflow drops the oldest.
+            guard let socket = connection ?? connect() else {
+                guard !queue.isClosed else { return }
+                queue.pause(backoff)
+                backoff = min(backoff * 2, configuration.maximumBackoff)
+                continue
             }
-            if connection == nil {
-                do {
-                    connection = try RelaySocket(path: configuration.socketPath)
-                    backoff = .milliseconds(50)
-                } catch {
-                    guard !queue.isClosed else { return }
-                    queue.pause(backoff)
-                    backoff = min(backoff * 2, configuration.maximumBackoff)
-                    continue
-                }
-            }
-            guard let socket = connection else { continue }
-            let bytes = pending.flatMap { $0 }
+            connection = socket
+            backoff = .milliseconds(50)
+            guard let batch = queue.take(limit: batchLimit) else { return }
+            let bytes = batch.flatMap { $0 }
             let (written, failure) = bytes.withUnsafeBytes { socket.write(raw: $0) }
             // Lines wholly written are delivered; a line cut by the failure is resent whole.
             var done = 0
             var consumed = 0
-            for line in pending {
+            for line in batch {
                 guard consumed + line.count <= written else { break }
                 consumed += line.count
                 done += 1
             }
             queue.confirm(done)
-            pending.removeFirst(done)
+            queue.giveBack(Array(batch[done...]))
             queue.countRejected(Self.rejections(in: socket.readAvailable()))
             if failure != nil {
                 connection = nil
             }
         }
+    }
+
+    private func connect() -> RelaySocket? {
+        try? RelaySocket(path: configuration.socketPath)
     }
 
     private static func rejections(in answers: [UInt8]) -> Int {
