@@ -35,11 +35,26 @@ final class LineQueue: @unchecked Sendable {
             return
         }
         if count + inFlight >= capacity, count > 0 {
-            head += 1
-            stats.dropped += 1
+            dropOldest(1)
         }
         lines.append(line)
         condition.signal()
+    }
+
+    /// Drops the `n` oldest queued lines, and compacts the storage once most of it is dropped
+    /// lines: while the relay is away nothing is taken, and the array must not grow forever.
+    private func dropOldest(_ n: Int) {
+        for index in head..<(head + n) { lines[index] = [] }
+        head += n
+        stats.dropped += n
+        compact()
+    }
+
+    private func compact() {
+        if head > 1024, head * 2 > lines.count {
+            lines.removeFirst(head)
+            head = 0
+        }
     }
 
     func countFailure() {
@@ -71,10 +86,7 @@ final class LineQueue: @unchecked Sendable {
         inFlight -= unwritten.count
         lines.replaceSubrange(head..<head, with: unwritten)
         let excess = count - capacity
-        if excess > 0 {
-            head += excess
-            stats.dropped += excess
-        }
+        if excess > 0 { dropOldest(excess) }
         condition.broadcast()
     }
 
@@ -88,10 +100,7 @@ final class LineQueue: @unchecked Sendable {
         let batch = Array(lines[head..<end])
         head = end
         inFlight += batch.count
-        if head > 4096, head * 2 > lines.count {
-            lines.removeFirst(head)
-            head = 0
-        }
+        compact()
         return batch
     }
 
