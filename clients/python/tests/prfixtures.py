@@ -3,14 +3,15 @@ import everything from here): real relay processes, real sockets."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 import prhelpers
+import relaylib   # on sys.path through prhelpers
 from prhelpers import Relay
 
 __all__ = ["pytest_report_header", "pytest_runtest_makereport", "relay_factory", "relay"]
-
-_STARTED: list = []
 
 
 def pytest_report_header(config):
@@ -26,27 +27,22 @@ def pytest_runtest_makereport(item, call):
     rep = outcome.get_result()
     setattr(item, f"rep_{rep.when}", rep)
     if rep.failed and rep.when in ("setup", "call"):
-        for r in _STARTED:
+        for r in relaylib._STARTED:   # every relay made since relay_factory last began
             rep.sections.append(("relay stderr", r.log_tail(20000)))
 
 
 @pytest.fixture
 def relay_factory():
-    """make(*extra_args, start=True, socket_path=None) -> Relay; stopped and removed at the end."""
-    made = []
-    _STARTED.clear()
+    """make(*extra_args, start=True, socket_path=None, directory=None) -> Relay; stopped and
+    removed at the end."""
+    relaylib._STARTED.clear()
+    with contextlib.ExitStack() as made:
+        def make(*extra_args, start=True, socket_path=None, directory=None):
+            r = Relay(*extra_args, socket_path=socket_path, directory=directory)
+            made.callback(r.cleanup)
+            return r.start() if start else r
 
-    def make(*extra_args, start=True, socket_path=None, directory=None):
-        r = Relay(*extra_args, socket_path=socket_path, directory=directory)
-        made.append(r)
-        _STARTED.append(r)
-        if start:
-            r.start()
-        return r
-
-    yield make
-    for r in made:
-        r.cleanup()
+        yield make
 
 
 @pytest.fixture

@@ -2,23 +2,20 @@
 WebSocket subscriber (the `websockets` package) that runs in its own thread, collects the events
 of its topics, resumes after the relay restarts, and can replay a topic from its first event.
 
-The relay binary is $PROGRESS_RELAY_BIN, else the repository's .build/debug/progress-relay.
+The relay process and the small utilities (free_port, short_tmpdir, wait_until, the binary's
+path) are the end-to-end suite's, Tests/EndToEnd/relaylib.py; what is here is only what these
+tests need besides. The relay binary is $PROGRESS_RELAY_BIN, else the repository's
+.build/debug/progress-relay.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
-import http.client
 import inspect
 import json
-import os
-import secrets
 import shutil
-import signal
-import socket
-import subprocess
-import tempfile
+import sys
 import threading
 import time
 import urllib.parse
@@ -33,125 +30,30 @@ import progress_relay
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent.parent
+if str(REPO / "Tests" / "EndToEnd") not in sys.path:
+    sys.path.insert(0, str(REPO / "Tests" / "EndToEnd"))
+
+import relaylib  # noqa: E402
+from relaylib import free_port, short_tmpdir, wait_until  # noqa: E402,F401  (re-exported)
+# The binary's path, checked: RuntimeError when it is missing or not executable.
+from relaylib import require_bin as relay_bin  # noqa: E402,F401  (re-exported)
 
 
-def relay_bin() -> str:
-    path = os.environ.get("PROGRESS_RELAY_BIN") or str(REPO / ".build" / "debug" / "progress-relay")
-    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-        raise RuntimeError(f"relay binary not found at {path} (run `swift build`, or set "
-                           "PROGRESS_RELAY_BIN)")
-    return path
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def short_tmpdir(prefix: str = "prc-") -> Path:
-    # Unix socket paths are limited to 107 bytes: pytest's tmp_path can be too long.
-    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
-
-
-def wait_until(pred: Callable[[], Any], timeout: float, what: str = "condition",
-               interval: float = 0.02) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = pred()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
-
-
-class Relay:
-    """One `progress-relay serve` process; `socket_path` and `port` stay the same across
-    restarts (so emitters and subscribers find it again)."""
+class Relay(relaylib.Relay):
+    """relaylib's `progress-relay serve` process (its `socket_path` and `port` stay the same
+    across restarts, so emitters and subscribers find it again; the secret is in `secret_file`;
+    its stderr in `log_path`), made as these tests make it: `Relay(*extra_args)`, optionally
+    with the directory (removed at cleanup, like one of its own) and the ingest socket's path."""
 
     def __init__(self, *extra_args: str, directory: Optional[Path] = None,
                  socket_path: Optional[str] = None):
-        self.bin = relay_bin()
-        self.dir = directory or short_tmpdir()
-        self.socket_path = socket_path or str(self.dir / "p.sock")
-        self.port = free_port()
-        self.secret = secrets.token_hex(16)
-        self.secret_file = str(self.dir / "secret")
-        Path(self.secret_file).write_text(self.secret + "\n")
-        self.extra_args = list(extra_args)
-        self.log_path = self.dir / "relay-stderr.log"
-        self.proc: Optional[subprocess.Popen] = None
-
-    @property
-    def args(self) -> List[str]:
-        return [self.bin, "serve", "--socket", self.socket_path,
-                "--listen", f"127.0.0.1:{self.port}", "--jwt-secret-file", self.secret_file,
-                "--log-level", "debug", *self.extra_args]
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    def start(self, timeout: float = 15.0) -> "Relay":
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PROGRESS_RELAY_")}
-        with open(self.log_path, "ab") as log:
-            log.write(f"===== {' '.join(self.args)}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=log, env=env,
-                                         cwd=self.dir)
-        deadline = time.monotonic() + timeout
-        while True:
-            rc = self.proc.poll()
-            if rc is not None:
-                raise AssertionError(f"relay exited with {rc}\n{self.log_tail()}")
-            if os.path.exists(self.socket_path):
-                try:
-                    if self.http("/healthz")[0] == 200:
-                        return self
-                except OSError:
-                    pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"relay not ready after {timeout}s\n{self.log_tail()}")
-            time.sleep(0.02)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> Optional[int]:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        return self.proc.returncode
-
-    @property
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
+        super().__init__(extra_args, workdir=directory)
+        if socket_path is not None:
+            self.socket_path = socket_path
 
     def cleanup(self) -> None:
-        self.stop()
+        super().cleanup()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-    def http(self, path: str) -> tuple:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=5)
-        try:
-            conn.request("GET", path)
-            r = conn.getresponse()
-            return r.status, r.read().decode("utf-8", "replace")
-        finally:
-            conn.close()
-
-    def stats(self) -> dict:
-        status, body = self.http("/stats")
-        assert status == 200, (status, body)
-        return json.loads(body)
-
-    def metrics(self) -> str:
-        return self.http("/metrics")[1]
 
     def rejected_count(self) -> float:
         """progress_relay_events_rejected* samples in /metrics, added up."""
@@ -163,16 +65,6 @@ class Relay:
                 except ValueError:
                     pass
         return total
-
-    def token(self, topics: Iterable[str] = ("*",), sub: str = "tester", ttl: Any = 3600) -> str:
-        return progress_relay.token(self.secret, sub, list(topics), ttl)
-
-    def log_tail(self, n: int = 8000) -> str:
-        try:
-            t = self.log_path.read_text(errors="replace")
-        except OSError:
-            t = ""
-        return f"----- relay stderr ({self.log_path}) -----\n{t[-n:]}"
 
 
 _SUPPORTS_PROXY = "proxy" in inspect.signature(ws_connect.__init__).parameters
@@ -200,7 +92,8 @@ class Subscriber:
         self.relay = relay
         self.topics = list(topics)
         self.from_start = from_start
-        self.token = token or relay.token(["*"])
+        # minted by the client library under test, as the tests' own tokens are
+        self.token = token or progress_relay.token(relay.secret, "tester", ["*"], 3600)
         self.events: Dict[str, List[dict]] = collections.defaultdict(list)
         self.controls: List[dict] = []
         self.epochs: Dict[str, str] = {}

@@ -185,7 +185,7 @@ def test_full_queue_drops_the_oldest_and_counts(relay_factory, caplog):
             assert st["dropped"] == 15 and st["queued"] == 10
             assert em.dropped == 15
             wait_until(lambda: any("dropped" in r.getMessage() for r in caplog.records), 5,
-                       "a warning about dropped events")
+                       what="a warning about dropped events")
         relay = relay_factory(socket_path=path, directory=d)
         assert em.flush(10)
         sub = Subscriber(relay, ["overflow"], from_start=True)
@@ -273,7 +273,7 @@ def test_emit_never_raises_and_never_blocks_without_relay(caplog):
             assert em.close(0.1) is False
             assert em.emit("nobody", n=1) is False    # after close: dropped, logged
         wait_until(lambda: any("cannot connect" in r.getMessage() for r in caplog.records), 5,
-                   "a warning about the missing relay")
+                   what="a warning about the missing relay")
 
 
 def test_rejected_lines_are_read_and_logged_and_later_lines_delivered(relay_factory, caplog):
@@ -290,7 +290,7 @@ def test_rejected_lines_are_read_and_logged_and_later_lines_delivered(relay_fact
             events = [body(e) for e in sub.wait_count(t, 2)]
             assert events == [{"topic": t, "n": 1}, {"topic": t, "n": 2}]
             rec = wait_until(lambda: [r for r in caplog.records if "rejected" in r.getMessage()],
-                             5, "the relay's answer in the log")
+                             5, what="the relay's answer in the log")
         msg = rec[0].getMessage()
         assert "line_too_long" in msg and "'rej'" in msg and "line 2" in msg, msg
         assert em.stats()["rejected"] == 1
@@ -318,7 +318,7 @@ def test_many_answers_never_block_the_emitter(relay):
         em.emit(t, n=1)
         assert em.flush(20), em.stats()
         assert [e["n"] for e in sub.wait_count(t, 2)] == [0, 1]
-        wait_until(lambda: em.stats()["rejected"] >= 100, 5, "answers read")
+        wait_until(lambda: em.stats()["rejected"] >= 100, 5, what="answers read")
         time.sleep(0.5)     # the rest of the burst's answers, or none
         # a few more, at a pace the relay's answers keep up with: every one is read
         before = em.stats()["rejected"]
@@ -327,7 +327,7 @@ def test_many_answers_never_block_the_emitter(relay):
             em.emit(t, n=2 + i)
             assert em.flush(5)
             time.sleep(0.005)
-        wait_until(lambda: em.stats()["rejected"] == before + 20, 5, "20 more answers read")
+        wait_until(lambda: em.stats()["rejected"] == before + 20, 5, what="20 more answers read")
         assert [e["n"] for e in sub.wait_count(t, 22)] == list(range(22))
         assert em.stats()["connections"] == 1
     finally:
