@@ -253,6 +253,13 @@ struct RelayService: Service {
     func run() async throws {
         await started()
         try? await gracefulShutdown()
+        // The contract promises an exit within 5 s; should a step ever hang, say so and go.
+        let deadline = Thread {
+            Thread.sleep(forTimeInterval: 6)
+            FileHandle.standardError.write(Data("progress-relay: shutdown did not finish within 6 s; exiting\n".utf8))
+            exit(1)
+        }
+        deadline.start()
         await relay.shutdown()
     }
 }
