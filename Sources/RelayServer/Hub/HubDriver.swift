@@ -84,8 +84,7 @@ final class HubDriver: Sendable {
             for index in busy {
                 let deliveries = plan.loops[index]
                 loops[index].execute {
-                    registries[index].value.deliver(deliveries)
-                    countdown.tick()
+                    registries[index].value.deliver(deliveries) { countdown.tick() }
                 }
             }
         }

@@ -37,8 +37,16 @@ final class LoopSubscribers {
         connections[id.serial] = nil
     }
 
-    func deliver(_ deliveries: [Delivery]) {
-        var touched = [SubscriberHandler]()
+    /// Connections written to since the last flush, and the batches waiting for that flush.
+    private var touched: [SubscriberHandler] = []
+    private var waitingForFlush: [@Sendable () -> Void] = []
+    private var flushScheduled = false
+
+    /// Writes a batch's frames now and flushes once per turn of the loop: every batch already
+    /// queued on this loop is written before the flush task runs, so a subscriber behind on
+    /// several batches (from several emitter connections) gets one system call, not one each.
+    /// `done` runs after the flush, which is what holds emitters back when subscribers lag.
+    func deliver(_ deliveries: [Delivery], done: @escaping @Sendable () -> Void) {
         for delivery in deliveries {
             for id in delivery.subscribers {
                 guard let connection = connections[id.serial] else { continue }
@@ -49,7 +57,21 @@ final class LoopSubscribers {
                 }
             }
         }
-        for connection in touched { connection.flushDelivered() }
+        waitingForFlush.append(done)
+        guard !flushScheduled else { return }
+        flushScheduled = true
+        let bound = NIOLoopBound(self, eventLoop: eventLoop)
+        eventLoop.execute { bound.value.flushTouched() }
+    }
+
+    private func flushTouched() {
+        flushScheduled = false
+        let connections = touched
+        touched = []
+        for connection in connections { connection.flushDelivered() }
+        let waiting = waitingForFlush
+        waitingForFlush = []
+        for done in waiting { done() }
     }
 
     func subscribed(_ id: SubscriberID, to topic: String, _ subscription: Subscription) {
