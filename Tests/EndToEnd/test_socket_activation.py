@@ -16,6 +16,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -246,8 +247,8 @@ async def test_kill_9_loses_only_unread_lines_and_says_so(launcher):
         await asyncio.sleep(0.01)
     run.cancel()
     assert emitter.error is None, emitter.error
-    received_after = json.loads(
-        __import__("urllib.request").request.urlopen(f"http://127.0.0.1:{l.port}/stats").read())["events_received"]
+    with urllib.request.urlopen(f"http://127.0.0.1:{l.port}/stats") as answer:
+        received_after = json.load(answer)["events_received"]
 
     # No state survives a kill: the topic has a new epoch, and the resume says so.
     assert sub.resumes and sub.resumes[-1]["recovered"] is False, sub.resumes

@@ -167,8 +167,6 @@ final class IngestListener: Sendable {
         }
     }
 
-    var connectionCount: Int { connections.withLockedValue { $0.count } }
-
     // MARK: Stopping
 
     /// Stops accepting. A bound socket is closed and unlinked; an adopted one stays open for the next process.

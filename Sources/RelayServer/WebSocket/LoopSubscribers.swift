@@ -24,8 +24,6 @@ final class LoopSubscribers {
         self.nextPing = .now() + pingInterval
     }
 
-    var count: Int { connections.count }
-
     func register(_ connection: SubscriberHandler) -> SubscriberID {
         nextSerial += 1
         connections[nextSerial] = connection
