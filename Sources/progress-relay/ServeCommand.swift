@@ -116,29 +116,36 @@ struct ServeCommand: AsyncParsableCommand {
             throw CLIError.usage("\(error)")
         }
 
-        let relay: Relay
-        do {
-            relay = try await Relay.start(
-                configuration: configuration, verifier: verifier, metrics: RelayMetrics(),
-                metricsText: { registry.emitToString() }, notifier: SystemdNotifier.fromEnvironment(), logger: logger)
-        } catch {
-            throw CLIError.failure("\(error)")
-        }
         let socketPath = configuration.socketPath
         let devSecret = mintingSecret
-        let started: @Sendable () async -> Void = {
-            relay.markReady()
-            if let devSecret {
+        let relayConfiguration = configuration
+        // The relay starts inside the service group, once signals are handled: listening first
+        // would let a flood of connections take every descriptor before the signal handler gets
+        // its own (libdispatch blocks SIGTERM and then fails to make its signalfd: seen in
+        // test_limits), and the relay could then no longer be stopped.
+        let service = RelayService(
+            start: {
+                do {
+                    return try await Relay.start(
+                        configuration: relayConfiguration, verifier: verifier, metrics: RelayMetrics(),
+                        metricsText: { registry.emitToString() }, notifier: SystemdNotifier.fromEnvironment(),
+                        logger: logger)
+                } catch {
+                    throw CLIError.failure("\(error)")
+                }
+            },
+            started: { relay in
+                relay.markReady()
+                guard let devSecret else { return }
                 do {
                     try await DevMode.printBanner(secret: devSecret, relay: relay, socketPath: socketPath)
                 } catch {
                     logger.error("could not mint the development token", metadata: ["error": "\(error)"])
                 }
-            }
-        }
+            })
         let services = ServiceGroup(
             configuration: .init(
-                services: [.init(service: RelayService(relay: relay, started: started))],
+                services: [.init(service: service)],
                 gracefulShutdownSignals: [.sigterm, .sigint],
                 logger: logger))
         try await services.run()
@@ -244,14 +251,15 @@ struct ServeCommand: AsyncParsableCommand {
     }
 }
 
-/// The relay as a service: runs until a graceful shutdown is asked for, then drains.
+/// The relay as a service: starts it, runs until a graceful shutdown is asked for, then drains.
 struct RelayService: Service {
-    let relay: Relay
-    /// Runs once the service group handles signals: readiness is announced only then.
-    let started: @Sendable () async -> Void
+    let start: @Sendable () async throws -> Relay
+    /// Runs once the relay serves: readiness is announced only then.
+    let started: @Sendable (Relay) async -> Void
 
     func run() async throws {
-        await started()
+        let relay = try await start()
+        await started(relay)
         try? await gracefulShutdown()
         // The contract promises an exit within 5 s; should a step ever hang, say so and go.
         let deadline = Thread {
