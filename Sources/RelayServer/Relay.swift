@@ -18,7 +18,10 @@ public final class Relay: Sendable {
     public let configuration: RelayConfiguration
     /// Where HTTP and WebSocket clients connect.
     public let httpAddress: SocketAddress
+    /// The subscriber loops, one per `--threads`.
     private let group: MultiThreadedEventLoopGroup
+    /// One loop for the hub and the emitter connections.
+    private let hubGroup: MultiThreadedEventLoopGroup
     private let driver: HubDriver
     private let ingest: IngestListener
     private let http: HTTPListener
@@ -29,12 +32,13 @@ public final class Relay: Sendable {
     private let logger: Logger
 
     private init(
-        configuration: RelayConfiguration, group: MultiThreadedEventLoopGroup, driver: HubDriver,
-        ingest: IngestListener, http: HTTPListener, upkeep: RepeatedTask, notifier: SystemdNotifier?,
+        configuration: RelayConfiguration, group: MultiThreadedEventLoopGroup,
+        hubGroup: MultiThreadedEventLoopGroup, driver: HubDriver, ingest: IngestListener, http: HTTPListener, upkeep: RepeatedTask, notifier: SystemdNotifier?,
         metrics: RelayMetrics, logger: Logger
     ) {
         self.configuration = configuration
         self.group = group
+        self.hubGroup = hubGroup
         self.driver = driver
         self.ingest = ingest
         self.http = http
@@ -74,19 +78,21 @@ public final class Relay: Sendable {
         logger: Logger
     ) async throws -> Relay {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, configuration.threads))
+        let hubGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         do {
             return try await start(
-                configuration: configuration, group: group, verifier: verifier, metrics: metrics,
-                metricsText: metricsText, notifier: notifier, logger: logger)
+                configuration: configuration, group: group, hubGroup: hubGroup, verifier: verifier,
+                metrics: metrics, metricsText: metricsText, notifier: notifier, logger: logger)
         } catch {
             try? await group.shutdownGracefully()
+            try? await hubGroup.shutdownGracefully()
             throw error
         }
     }
 
     private static func start(
-        configuration: RelayConfiguration, group: MultiThreadedEventLoopGroup, verifier: TokenVerifier,
-        metrics: RelayMetrics, metricsText: @escaping @Sendable () -> String, notifier: SystemdNotifier?,
+        configuration: RelayConfiguration, group: MultiThreadedEventLoopGroup,
+        hubGroup: MultiThreadedEventLoopGroup, verifier: TokenVerifier, metrics: RelayMetrics, metricsText: @escaping @Sendable () -> String, notifier: SystemdNotifier?,
         logger: Logger
     ) async throws -> Relay {
         var hubConfiguration = configuration.hub
@@ -105,7 +111,7 @@ public final class Relay: Sendable {
             }
         }
         let driver = try await HubDriver.make(
-            loops: loops, configuration: hubConfiguration, epochPrefix: Self.newEpochPrefix(),
+            hubLoop: hubGroup.next(), loops: loops, configuration: hubConfiguration, epochPrefix: Self.newEpochPrefix(),
             restoring: restored, metrics: metrics, pingInterval: configuration.pingInterval)
         let upkeep = driver.startUpkeep()
 
@@ -165,18 +171,21 @@ public final class Relay: Sendable {
             }
         }
 
+        let hubLoop = driver.hubLoop
+        let budgetBytes = configuration.ingestBudgetBytes
+        let budget = try await hubLoop.submit { NIOLoopBound(IngestBudget(limit: budgetBytes), eventLoop: hubLoop) }.get()
         let ingestEnvironment = IngestEnvironment(
-            driver: driver, metrics: metrics, maxEventBytes: configuration.maxEventBytes, logger: logger)
+            driver: driver, metrics: metrics, maxEventBytes: configuration.maxEventBytes, logger: logger,
+            budget: budget)
         // Emitter connections live on the hub's loop: a batch reaches the hub without a thread hop
-        // (light latency p50 130-155 µs instead of about 175 µs), at the price of sharing one core
-        // between validation and numbering (ingest still 0.8-1.0 M events/s; docs/benchmarks.md).
+        // (light latency p50 130-155 µs instead of about 175 µs), and the budget they share needs no lock.
         ingest.start(group: driver.hubLoop, logger: logger) { channel, peer in
             channel.eventLoop.makeCompletedFuture {
                 try channel.pipeline.syncOperations.addHandler(IngestHandler(environment: ingestEnvironment, peer: peer))
             }
         }
         let relay = Relay(
-            configuration: configuration, group: group, driver: driver, ingest: ingest, http: http,
+            configuration: configuration, group: group, hubGroup: hubGroup, driver: driver, ingest: ingest, http: http,
             upkeep: upkeep, notifier: notifier, metrics: metrics, logger: logger)
         logger.notice(
             "relay serving",
@@ -236,6 +245,7 @@ public final class Relay: Sendable {
             }
         }
         try? await group.shutdownGracefully()
+        try? await hubGroup.shutdownGracefully()
         logger.notice("relay stopped")
     }
 

@@ -23,8 +23,11 @@ public struct RelayConfiguration: Sendable {
     public var pingInterval: TimeAmount
     public var stateFile: String?
     public var hub: HubConfiguration
-    /// Event loops; the hub lives on the first.
+    /// Event loops for subscribers; the hub and the emitter connections have a thread of their own.
     public var threads: Int
+    /// Event bytes that may be on their way from the emitters to the subscriber loops at once
+    /// (`IngestBudget`): the bound on that queue, and what lets the loops coalesce writes.
+    public var ingestBudgetBytes: Int
 
     public init(
         socketPath: String = "/run/progress.sock",
@@ -41,7 +44,8 @@ public struct RelayConfiguration: Sendable {
         pingInterval: TimeAmount = .seconds(25),
         stateFile: String? = nil,
         hub: HubConfiguration = HubConfiguration(),
-        threads: Int = System.coreCount
+        threads: Int = System.coreCount,
+        ingestBudgetBytes: Int = 16 * 1024 * 1024
     ) {
         self.socketPath = socketPath
         self.socketMode = socketMode
@@ -58,5 +62,6 @@ public struct RelayConfiguration: Sendable {
         self.stateFile = stateFile
         self.hub = hub
         self.threads = threads
+        self.ingestBudgetBytes = ingestBudgetBytes
     }
 }

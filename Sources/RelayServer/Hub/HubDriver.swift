@@ -34,12 +34,11 @@ final class HubDriver: Sendable {
         self.metrics = metrics
     }
 
-    /// Builds the hub on `loops[0]` and one subscriber registry on each loop.
+    /// Builds the hub on `hubLoop` and one subscriber registry on each of `loops`.
     static func make(
-        loops: [any EventLoop], configuration: HubConfiguration, epochPrefix: String,
+        hubLoop: any EventLoop, loops: [any EventLoop], configuration: HubConfiguration, epochPrefix: String,
         restoring states: [TopicState], metrics: RelayMetrics, pingInterval: TimeAmount
     ) async throws -> HubDriver {
-        let hubLoop = loops[0]
         let hub = try await hubLoop.submit {
             let hub = Hub(configuration: configuration, epochPrefix: epochPrefix)
             hub.restore(states, now: Monotonic.now)

@@ -3,9 +3,9 @@
 // Splits the byte stream into lines, validates each one on its own (a bad
 // line is answered with `{"error":..,"line":n}` and costs nothing else),
 // and hands the good lines of one read to the hub as one batch. Reading
-// pauses while too many batches of this connection are still on their way
-// to subscribers: then the kernel holds the writer back, and no accepted
-// line is ever dropped. Answers are written only while the socket takes
+// pauses while the events of all emitter connections still on their way to
+// subscribers spend the shared `IngestBudget`: then the kernel holds the
+// writer back, and no accepted line is ever dropped. Answers are written only while the socket takes
 // them, so an emitter that never reads its answers loses just those.
 
 #if canImport(Glibc)
@@ -21,8 +21,8 @@ struct IngestEnvironment: Sendable {
     let metrics: RelayMetrics
     let maxEventBytes: Int
     let logger: Logger
-    /// Batches one connection may have in flight before it stops reading.
-    let maxBatchesInFlight = 4
+    /// Shared by every emitter connection; lives on the hub's loop like they do.
+    let budget: NIOLoopBound<IngestBudget>
 }
 
 final class IngestHandler: ChannelDuplexHandler {
@@ -39,10 +39,11 @@ final class IngestHandler: ChannelDuplexHandler {
     private var skippingLongLine = false
     private var lineNumber = 0
     private var batch: [IncomingEvent] = []
+    private var batchBytes = 0
     private var batchReadAt: NIODeadline?
     private var answersWritten = false
-    private var inFlight = 0
     private var readHeld = false
+    private var active = true
     private var rejectionsLogged = 0
 
     init(environment: IngestEnvironment, peer: PeerCredentials) {
@@ -57,6 +58,7 @@ final class IngestHandler: ChannelDuplexHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        active = false
         environment.metrics.emitterConnected(-1)
         context.fireChannelInactive()
     }
@@ -113,6 +115,7 @@ final class IngestHandler: ChannelDuplexHandler {
         case .success(let parsed):
             let object = line.getSlice(at: line.readerIndex + parsed.objectStart, length: parsed.objectEnd - parsed.objectStart)!
             batch.append(IncomingEvent(topic: parsed.topic, object: object))
+            batchBytes += object.readableBytes
         case .failure(let error):
             // A blank line (`echo` habits, keep-alives) is no event and no mistake.
             if line.readableBytesView.allSatisfy({ $0 == 0x20 || $0 == 0x09 }) { return }
@@ -157,36 +160,30 @@ final class IngestHandler: ChannelDuplexHandler {
             return
         }
         let events = batch
+        let bytes = batchBytes
         batch = []
+        batchBytes = 0
         let readAt = batchReadAt ?? .now()
         batchReadAt = nil
         environment.metrics.eventsReceived(events.count)
-        inFlight += 1
+        environment.budget.value.take(bytes)
         let loop = context.eventLoop
-        let bound = NIOLoopBound((self, context), eventLoop: loop)
+        let budget = environment.budget
         environment.driver.publish(events, readAt: readAt) {
-            loop.execute {
-                let (handler, context) = bound.value
-                handler.batchDone(context: context)
-            }
-        }
-    }
-
-    private func batchDone(context: ChannelHandlerContext) {
-        inFlight -= 1
-        if readHeld, inFlight < environment.maxBatchesInFlight {
-            readHeld = false
-            context.read()
+            loop.execute { budget.value.give(bytes) }
         }
     }
 
     // MARK: Backpressure and end
 
     func read(context: ChannelHandlerContext) {
-        if inFlight >= environment.maxBatchesInFlight {
-            readHeld = true
-        } else {
-            context.read()
+        let budget = environment.budget.value
+        guard budget.isSpent else { return context.read() }
+        guard !readHeld else { return }
+        readHeld = true
+        budget.wait { [self] in
+            readHeld = false
+            if active { context.read() }
         }
     }
 
