@@ -50,16 +50,10 @@ public struct IncomingEvent: Sendable {
     }
 }
 
-/// Frames for a group of subscribers on one event loop.
-public struct Delivery: Sendable {
-    public var frames: [ByteBuffer]
-    public var subscribers: [SubscriberID]
-}
-
 /// What one published batch means for each event loop.
 public struct FanOut: Sendable {
-    /// Indexed by event loop; each loop's deliveries in publishing order.
-    public var loops: [[Delivery]]
+    /// Indexed by event loop.
+    public var loops: [LoopPlan]
     /// Frames written to subscribers in total (for metrics).
     public var deliveryCount: Int
 }
@@ -127,7 +121,7 @@ public final class Hub {
     /// Numbers and frames a batch of events, and says who receives them.
     public func publish(_ events: [IncomingEvent], now: UInt64) -> FanOut {
         let loops = configuration.loopCount
-        var plan = [[Delivery]](repeating: [], count: loops)
+        var plan = [LoopPlan](repeating: LoopPlan(), count: loops)
         var deliveries = 0
         var previous: Topic?
         var created = false
@@ -148,17 +142,11 @@ public final class Hub {
             if topic.subscriberCount == 0 { idle.append(topic) }
 
             let targets = self.targets(of: topic)
-            if previous === topic {
-                // Consecutive events of one topic share their deliveries: one write batch per subscriber.
-                for loop in 0..<loops where !targets[loop].isEmpty {
-                    plan[loop][plan[loop].count - 1].frames.append(frame)
-                    deliveries += targets[loop].count
-                }
-            } else {
-                for loop in 0..<loops where !targets[loop].isEmpty {
-                    plan[loop].append(Delivery(frames: [frame], subscribers: targets[loop]))
-                    deliveries += targets[loop].count
-                }
+            // Consecutive events of one topic share their run: one write batch per subscriber.
+            let sameTopic = previous === topic
+            for loop in 0..<loops where !targets[loop].isEmpty {
+                plan[loop].append(frame, to: targets[loop], continuingRun: sameTopic)
+                deliveries += targets[loop].count
             }
             previous = topic
         }

@@ -108,11 +108,23 @@ private func bytes(_ buffer: ByteBuffer) -> [UInt8] { Array(buffer.readableBytes
 
 private func sub(_ loop: Int, _ serial: UInt64) -> SubscriberID { SubscriberID(loop: loop, serial: serial) }
 
+/// One run of a loop's plan, materialised for checking.
+private struct Run {
+    var frames: [ByteBuffer]
+    var subscribers: [SubscriberID]
+}
+
+private func runs(_ plan: LoopPlan) -> [Run] {
+    var out: [Run] = []
+    plan.forEachRun { targets, range in out.append(Run(frames: Array(plan.frames[range]), subscribers: targets.subscribers)) }
+    return out
+}
+
 /// Every subscriber listed in a plan, loop by loop, frame by frame: (subscriber, seq, topic).
 private func deliveries(_ plan: FanOut) -> [(SubscriberID, UInt64?, String?)] {
     var out: [(SubscriberID, UInt64?, String?)] = []
     for loop in plan.loops {
-        for delivery in loop {
+        for delivery in runs(loop) {
             for frame in delivery.frames {
                 for id in delivery.subscribers { out.append((id, seq(of: frame), topic(of: frame))) }
             }
@@ -159,7 +171,7 @@ struct HubFrameTests {
             #"{"topic":"task:1","msg":"caf\u00e9 \"quoted\" \\ é ✓","nested":{"a":[1,2.5e3,null,true]}}"#,
         ]
         let plan = hub.publish(objects.map { rawEvent("task:1", $0) }, now: 1)
-        let frames = plan.loops[0].flatMap(\.frames)
+        let frames = runs(plan.loops[0]).flatMap(\.frames)
         try #require(frames.count == 3)
         for (index, frame) in frames.enumerated() {
             let decoded = try #require(decode(frame))
@@ -182,7 +194,7 @@ struct HubFrameTests {
         let hub = makeHub()
         _ = hub.subscribe(sub(0, 1), to: "t", resume: nil, now: 0)
         let plan = hub.publish([rawEvent("t", object)], now: 1)
-        let frame = try #require(plan.loops[0].first?.frames.first)
+        let frame = try #require(runs(plan.loops[0]).first?.frames.first)
         let decoded = try #require(decode(frame))
         #expect(decoded.byte0 == 0x81)
         #expect(decoded.payload.count == target)
@@ -201,7 +213,7 @@ struct HubFrameTests {
         var last: ByteBuffer?
         for round in 0..<12 {
             let plan = hub.publish((0..<1000).map { event("t", round * 1000 + $0) }, now: UInt64(round))
-            last = plan.loops[0].last?.frames.last
+            last = runs(plan.loops[0]).last?.frames.last
         }
         let frame = try #require(last)
         #expect(decode(frame)?.text.hasPrefix("{\"seq\":12000,\"topic\":\"t\"") == true)
@@ -220,7 +232,7 @@ struct HubHistoryTests {
         var frames: [ByteBuffer] = []
         for n in 1...count {
             let plan = hub.publish([event("task:1", n)], now: UInt64(n))
-            frames += plan.loops[0].flatMap(\.frames)
+            frames += runs(plan.loops[0]).flatMap(\.frames)
         }
         hub.unsubscribe(recorder, from: "task:1", now: UInt64(count))
         return (hub, frames, first.epoch ?? "")
@@ -390,7 +402,7 @@ struct HubFanOutTests {
             [event("t1", 1), event("t1", 2), event("t2", 1), event("t1", 3), event("t0", 1)], now: 1)
         try #require(plan.loops.count == 2)
 
-        let loop0 = plan.loops[0]
+        let loop0 = runs(plan.loops[0])
         try #require(loop0.count == 2)
         #expect(Set(loop0[0].subscribers) == [a, c])
         #expect(loop0[0].subscribers.count == 2)
@@ -399,7 +411,7 @@ struct HubFanOutTests {
         #expect(Set(loop0[1].subscribers) == [a, c])
         #expect(seqs(loop0[1].frames) == [3])
 
-        let loop1 = plan.loops[1]
+        let loop1 = runs(plan.loops[1])
         try #require(loop1.count == 3)
         #expect(loop1[0].subscribers == [b])
         #expect(seqs(loop1[0].frames) == [1, 2])
@@ -424,6 +436,22 @@ struct HubFanOutTests {
         #expect(plan.deliveryCount == 0)
     }
 
+    @Test("a loop plan holds each frame once; one subscriber needs no array, several share the topic's")
+    func loopPlanLayout() {
+        let hub = makeHub(loopCount: 1)
+        let a = sub(0, 1)
+        let b = sub(0, 2)
+        _ = hub.subscribe(a, to: "solo", resume: nil, now: 0)
+        _ = hub.subscribe(a, to: "pair", resume: nil, now: 0)
+        _ = hub.subscribe(b, to: "pair", resume: nil, now: 0)
+        let plan = hub.publish([event("solo", 1), event("solo", 2), event("pair", 1), event("solo", 3)], now: 1)
+        let loop = plan.loops[0]
+        #expect(loop.frames.count == 4)
+        #expect(loop.runs.map(\.end) == [2, 3, 4])
+        #expect(loop.runs.map(\.targets) == [.one(a), .many([a, b]), .one(a)])
+        #expect(plan.deliveryCount == 5)
+    }
+
     @Test("subscribing twice to one topic still means one delivery per event")
     func doubleSubscribe() {
         let hub = makeHub()
@@ -433,7 +461,7 @@ struct HubFanOutTests {
         #expect(hub.counts.subscriptions == 1)
         let plan = hub.publish([event("t", 1)], now: 1)
         #expect(plan.deliveryCount == 1)
-        #expect(plan.loops[0].first?.subscribers == [a])
+        #expect(runs(plan.loops[0]).first?.subscribers == [a])
     }
 
     @Test("unsubscribe stops delivery")
@@ -450,8 +478,8 @@ struct HubFanOutTests {
         #expect(!hub.unsubscribe(a, from: "never", now: 2))
         let plan = hub.publish([event("t", 2)], now: 3)
         #expect(plan.deliveryCount == 1)
-        #expect(plan.loops[0].isEmpty)
-        #expect(plan.loops[1].first?.subscribers == [b])
+        #expect(runs(plan.loops[0]).isEmpty)
+        #expect(runs(plan.loops[1]).first?.subscribers == [b])
         #expect(hub.counts.subscriptions == 1)
 
         #expect(hub.unsubscribe(b, from: "t", now: 4))
@@ -583,11 +611,11 @@ struct HubPatternTests {
         _ = hub.subscribe(other, to: "task:*", resume: nil, now: 0)
 
         let plan = hub.publish([event("task:1", 1), event("task:1", 2), event("task:2", 1)], now: 1)
-        #expect(plan.loops[1].count == 2)
-        #expect(plan.loops[1][0].subscribers == [s])
-        #expect(seqs(plan.loops[1][0].frames) == [1, 2])
-        #expect(plan.loops[1][1].subscribers == [s])
-        #expect(plan.loops[0].map(\.subscribers) == [[other], [other]])
+        #expect(runs(plan.loops[1]).count == 2)
+        #expect(runs(plan.loops[1])[0].subscribers == [s])
+        #expect(seqs(runs(plan.loops[1])[0].frames) == [1, 2])
+        #expect(runs(plan.loops[1])[1].subscribers == [s])
+        #expect(runs(plan.loops[0]).map(\.subscribers) == [[other], [other]])
         #expect(plan.deliveryCount == 6)
 
         // Dropping the exact subscription leaves the patterns.
@@ -794,7 +822,7 @@ struct HubStateTests {
             ("t1", 7), ("t1", 8)]
         {
             let plan = hub.publish([event(name, n)], now: now)
-            frames[name, default: []] += plan.loops[0].flatMap(\.frames)
+            frames[name, default: []] += runs(plan.loops[0]).flatMap(\.frames)
             now += 1
         }
         return (hub, frames, epochs)
@@ -845,7 +873,7 @@ struct HubStateTests {
 
         // Numbering goes on in the same epoch.
         let plan = restarted.publish([event("t1", 9)], now: 502)
-        #expect(seqs(plan.loops[0].flatMap(\.frames)) == [9])
+        #expect(seqs(runs(plan.loops[0]).flatMap(\.frames)) == [9])
         let after = restarted.subscribe(sub(0, 4), to: "t1", resume: ResumePoint(epoch: epochs["t1"]!, since: 8), now: 503)
         #expect(after.recovered)
         #expect(seqs(after.frames) == [9])
@@ -889,7 +917,7 @@ struct HubStateTests {
         let behind = restarted.subscribe(sub(0, 1), to: "t1", resume: ResumePoint(epoch: epochs["t1"]!, since: 7), now: 501)
         #expect(!behind.recovered)
         #expect(behind.frames.map(bytes) == [bytes(frames["t1"]![7])])
-        #expect(seqs(restarted.publish([event("t1", 9)], now: 502).loops[0].flatMap(\.frames)) == [9])
+        #expect(seqs(restarted.publish([event("t1", 9)], now: 502).loops[0].frames) == [9])
 
         // A bigger history after the restart has nothing older to replay, but numbering continues.
         let bigger = makeHub(historyLimit: 10, epochPrefix: "test-restart2")

@@ -81,9 +81,9 @@ final class HubDriver: Sendable {
                 done()
             }
             for index in busy {
-                let deliveries = plan.loops[index]
+                let loopPlan = plan.loops[index]
                 loops[index].execute {
-                    registries[index].value.deliver(deliveries) { countdown.tick() }
+                    registries[index].value.deliver(loopPlan) { countdown.tick() }
                 }
             }
         }

@@ -44,15 +44,13 @@ final class LoopSubscribers {
     /// queued on this loop is written before the flush task runs, so a subscriber behind on
     /// several batches (from several emitter connections) gets one system call, not one each.
     /// `done` runs after the flush, which is what holds emitters back when subscribers lag.
-    func deliver(_ deliveries: [Delivery], done: @escaping @Sendable () -> Void) {
-        for delivery in deliveries {
-            for id in delivery.subscribers {
-                guard let connection = connections[id.serial] else { continue }
-                connection.deliver(delivery.frames)
-                if !connection.flushPending {
-                    connection.flushPending = true
-                    touched.append(connection)
-                }
+    func deliver(_ plan: LoopPlan, done: @escaping @Sendable () -> Void) {
+        plan.forEachRun { targets, range in
+            switch targets {
+            case .one(let id):
+                write(plan.frames, range, to: id)
+            case .many(let ids):
+                for id in ids { write(plan.frames, range, to: id) }
             }
         }
         waitingForFlush.append(done)
@@ -60,6 +58,15 @@ final class LoopSubscribers {
         flushScheduled = true
         let bound = NIOLoopBound(self, eventLoop: eventLoop)
         eventLoop.execute { bound.value.flushTouched() }
+    }
+
+    private func write(_ frames: [ByteBuffer], _ range: Range<Int>, to id: SubscriberID) {
+        guard let connection = connections[id.serial] else { return }
+        connection.deliver(frames, range)
+        if !connection.flushPending {
+            connection.flushPending = true
+            touched.append(connection)
+        }
     }
 
     private func flushTouched() {
