@@ -55,29 +55,18 @@ final class IngestListener: Sendable {
 
     /// Binds `path`, replacing a stale socket file but never a live one or a non-socket.
     static func bind(path: String, mode: UInt32) throws -> IngestListener {
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let capacity = MemoryLayout.size(ofValue: address.sun_path)
-        guard path.utf8.count < capacity else { throw IngestSocketError.pathTooLong(path) }
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            raw.copyBytes(from: path.utf8)
-            raw[path.utf8.count] = 0
-        }
+        guard let address = UnixAddress(path) else { throw IngestSocketError.pathTooLong(path) }
 
         var status = stat()
         if lstat(path, &status) == 0 {
             guard (status.st_mode & S_IFMT) == S_IFSOCK else { throw IngestSocketError.notASocket(path) }
-            if isLive(&address) { throw IngestSocketError.inUse(path) }
+            if isLive(address) { throw IngestSocketError.inUse(path) }
             unlink(path)
         }
 
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw IngestSocketError.system("socket", path, errno) }
-        let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                Glibc.bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
-            }
-        }
+        let bound = address.withSocketAddress { Glibc.bind(fd, $0, $1) }
         guard bound == 0 else {
             let code = errno
             close(fd)
@@ -97,15 +86,11 @@ final class IngestListener: Sendable {
         try IngestListener(descriptor: descriptor, path: nil)
     }
 
-    private static func isLive(_ address: inout sockaddr_un) -> Bool {
+    private static func isLive(_ address: UnixAddress) -> Bool {
         let probe = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard probe >= 0 else { return false }
         defer { close(probe) }
-        return withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
-                connect(probe, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) == 0
-            }
-        }
+        return address.withSocketAddress { connect(probe, $0, $1) == 0 }
     }
 
     // MARK: Accepting

@@ -10,8 +10,7 @@ import NIOCore
 
 public final class SystemdNotifier: Sendable {
     private let descriptor: CInt
-    private let address: sockaddr_un
-    private let addressLength: socklen_t
+    private let address: UnixAddress
     /// Half of `WATCHDOG_USEC`, when systemd asked this process for watchdog pings.
     public let watchdogInterval: TimeAmount?
 
@@ -30,21 +29,13 @@ public final class SystemdNotifier: Sendable {
     }
 
     private init?(path: String, watchdogInterval: TimeAmount?) {
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        var bytes = Array(path.utf8)
-        let abstract = bytes.first == UInt8(ascii: "@")
-        if abstract { bytes[0] = 0 }
-        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else { return nil }
-        withUnsafeMutableBytes(of: &address.sun_path) { $0.copyBytes(from: bytes) }
+        guard let address = UnixAddress(path, allowingAbstract: true) else { return nil }
         let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue), 0)
         guard fd >= 0 else { return nil }
         _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
         _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
         descriptor = fd
         self.address = address
-        // An abstract address is as long as its bytes; a path one includes the terminating zero.
-        addressLength = socklen_t(MemoryLayout<sa_family_t>.size + bytes.count + (abstract ? 0 : 1))
         self.watchdogInterval = watchdogInterval
     }
 
@@ -52,12 +43,9 @@ public final class SystemdNotifier: Sendable {
 
     /// Sends `state`, e.g. `READY=1` or `STATUS=...`; never blocks, never fails the caller.
     public func notify(_ state: String) {
-        var address = self.address
         let bytes = Array(state.utf8)
-        _ = withUnsafePointer(to: &address) { pointer in
-            pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { target in
-                bytes.withUnsafeBytes { sendto(descriptor, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL), target, addressLength) }
-            }
+        _ = address.withSocketAddress { target, length in
+            bytes.withUnsafeBytes { sendto(descriptor, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL), target, length) }
         }
     }
 }
