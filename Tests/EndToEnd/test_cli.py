@@ -254,6 +254,34 @@ async def test_second_relay_on_a_live_socket_refuses(relay_factory):
     assert await recv_events(ws, 1) == [{"seq": 1, "topic": "one"}]
 
 
+def test_socket_path_too_long_is_refused_clearly(relay_factory):
+    r = relay_factory(start=False)
+    # sun_path holds 108 bytes with its terminating zero: 107 fit, 108 do not.
+    for length, fits in ((107, True), (108, False)):
+        path = "/tmp/" + "p" * (length - len("/tmp/"))
+        assert len(path) == length
+        r.socket_path = path
+        proc = subprocess.Popen(r.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=r.env)
+        try:
+            if fits:
+                deadline = time.monotonic() + 15
+                while not os.path.exists(path):
+                    assert proc.poll() is None, proc.stderr.read().decode()
+                    assert time.monotonic() < deadline, "the relay did not bind a 107-byte path"
+                    time.sleep(0.05)
+            else:
+                assert proc.wait(15) == 1
+                err = proc.stderr.read().decode()
+                assert f"--socket {path}: path is too long" in err, err
+                assert not os.path.exists(path)
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(10)
+            if os.path.exists(path):
+                os.unlink(path)
+
+
 def test_socket_mode_default_0660(relay):
     assert oct(os.stat(relay.socket_path).st_mode & 0o777) == oct(0o660)
 
