@@ -18,7 +18,7 @@ public final class Relay: Sendable {
     public let configuration: RelayConfiguration
     /// Where HTTP and WebSocket clients connect.
     public let httpAddress: SocketAddress
-    /// The subscriber loops, one per `--threads`.
+    /// The subscriber loops, one per core (`RelayConfiguration.threads`).
     private let group: MultiThreadedEventLoopGroup
     /// One loop for the hub and the emitter connections.
     private let hubGroup: MultiThreadedEventLoopGroup
@@ -33,8 +33,8 @@ public final class Relay: Sendable {
 
     private init(
         configuration: RelayConfiguration, group: MultiThreadedEventLoopGroup,
-        hubGroup: MultiThreadedEventLoopGroup, driver: HubDriver, ingest: IngestListener, http: HTTPListener, upkeep: RepeatedTask, notifier: SystemdNotifier?,
-        metrics: RelayMetrics, logger: Logger
+        hubGroup: MultiThreadedEventLoopGroup, driver: HubDriver, ingest: IngestListener, http: HTTPListener,
+        upkeep: RepeatedTask, notifier: SystemdNotifier?, metrics: RelayMetrics, logger: Logger
     ) {
         self.configuration = configuration
         self.group = group
@@ -92,8 +92,8 @@ public final class Relay: Sendable {
 
     private static func start(
         configuration: RelayConfiguration, group: MultiThreadedEventLoopGroup,
-        hubGroup: MultiThreadedEventLoopGroup, verifier: TokenVerifier, metrics: RelayMetrics, metricsText: @escaping @Sendable () -> String, notifier: SystemdNotifier?,
-        logger: Logger
+        hubGroup: MultiThreadedEventLoopGroup, verifier: TokenVerifier, metrics: RelayMetrics,
+        metricsText: @escaping @Sendable () -> String, notifier: SystemdNotifier?, logger: Logger
     ) async throws -> Relay {
         var hubConfiguration = configuration.hub
         let loops = Array(group.makeIterator())
@@ -111,8 +111,9 @@ public final class Relay: Sendable {
             }
         }
         let driver = try await HubDriver.make(
-            hubLoop: hubGroup.next(), loops: loops, configuration: hubConfiguration, epochPrefix: Self.newEpochPrefix(),
-            restoring: restored, metrics: metrics, pingInterval: configuration.pingInterval)
+            hubLoop: hubGroup.next(), loops: loops, configuration: hubConfiguration,
+            epochPrefix: Self.newEpochPrefix(), restoring: restored, metrics: metrics,
+            pingInterval: configuration.pingInterval)
         let upkeep = driver.startUpkeep()
 
         let ingest: IngestListener
@@ -185,8 +186,8 @@ public final class Relay: Sendable {
             }
         }
         let relay = Relay(
-            configuration: configuration, group: group, hubGroup: hubGroup, driver: driver, ingest: ingest, http: http,
-            upkeep: upkeep, notifier: notifier, metrics: metrics, logger: logger)
+            configuration: configuration, group: group, hubGroup: hubGroup, driver: driver, ingest: ingest,
+            http: http, upkeep: upkeep, notifier: notifier, metrics: metrics, logger: logger)
         logger.notice(
             "relay serving",
             metadata: [

@@ -5,8 +5,9 @@
 // and hands the good lines of one read to the hub as one batch. Reading
 // pauses while the events of all emitter connections still on their way to
 // subscribers spend the shared `IngestBudget`: then the kernel holds the
-// writer back, and no accepted line is ever dropped. Answers are written only while the socket takes
-// them, so an emitter that never reads its answers loses just those.
+// writer back, and no accepted line is ever dropped. Answers are written
+// only while the socket takes them, so an emitter that never reads its
+// answers loses just those.
 
 #if canImport(Glibc)
 import Glibc

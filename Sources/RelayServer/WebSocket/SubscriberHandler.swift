@@ -62,6 +62,7 @@ final class SubscriberHandler: ChannelInboundHandler {
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
+        writable = context.channel.isWritable
         let loopIndex = environment.driver.loopIndex(of: context.eventLoop)
         let registry = environment.driver.registry(on: loopIndex)
         self.registry = registry
