@@ -26,7 +26,8 @@ public struct RelayConfiguration: Sendable {
     /// Event loops for subscribers; the hub and the emitter connections have a thread of their own.
     public var threads: Int
     /// Event bytes that may be on their way from the emitters to the subscriber loops at once
-    /// (`IngestBudget`): the bound on that queue, and what lets the loops coalesce writes.
+    /// (`--max-inflight-bytes`, `IngestBudget`): the bound on that queue, and what lets the loops
+    /// coalesce writes.
     public var ingestBudgetBytes: Int
 
     public init(

@@ -17,6 +17,7 @@ public final class RelayMetrics: Sendable {
     private let slowClosed = Atomic<Int>(0)
     private let authFailed = Atomic<Int>(0)
     private let answersDropped = Atomic<Int>(0)
+    private let ingestPaused = Atomic<Int>(0)
     private let hubTopics = Atomic<Int>(0)
     private let hubSubscriptions = Atomic<Int>(0)
 
@@ -30,6 +31,7 @@ public final class RelayMetrics: Sendable {
     private let slowCounter = Counter(label: "progress_relay_slow_subscriber_closes_total")
     private let authCounters: [String: Counter]
     private let answersDroppedCounter = Counter(label: "progress_relay_ingest_answers_dropped_total")
+    private let pausedCounter = Counter(label: "progress_relay_ingest_paused_total")
     private let delayTimer = Timer(label: "progress_relay_delivery_delay_seconds")
 
     public init() {
@@ -73,6 +75,12 @@ public final class RelayMetrics: Sendable {
         answersDroppedCounter.increment()
     }
 
+    /// An emitter connection stopped reading because `--max-inflight-bytes` were in flight.
+    func ingestPausedForBudget() {
+        ingestPaused.add(1, ordering: .relaxed)
+        pausedCounter.increment()
+    }
+
     func delivered(_ count: Int) {
         guard count > 0 else { return }
         delivered.add(count, ordering: .relaxed)
@@ -113,6 +121,7 @@ public final class RelayMetrics: Sendable {
             ("slow_subscriber_closes", slowClosed.load(ordering: .relaxed)),
             ("auth_failure_closes", authFailed.load(ordering: .relaxed)),
             ("ingest_answers_dropped", answersDropped.load(ordering: .relaxed)),
+            ("ingest_paused", ingestPaused.load(ordering: .relaxed)),
         ]
         return "{" + fields.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",") + "}"
     }

@@ -15,6 +15,7 @@ enum EnvironmentFlags {
             ("socket", .single), ("socket-mode", .single), ("listen", .single), ("jwt-secret-file", .single),
             ("jwt-public-key-file", .single), ("grant", .repeatable), ("allow-origin", .repeatable),
             ("history", .single), ("max-event-bytes", .single), ("max-outbound-bytes", .single),
+            ("max-inflight-bytes", .single),
             ("ping-interval", .single), ("state-file", .single), ("max-topics", .single),
             ("max-subscriptions", .single), ("topic-ttl", .single), ("log-level", .single), ("dev", .toggle),
         ],

@@ -49,6 +49,11 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(name: .customLong("max-outbound-bytes"), help: "Unsent bytes a subscriber may owe before it is cut off.")
     var maxOutboundBytes: Int = 4_194_304
 
+    @Option(
+        name: .customLong("max-inflight-bytes"),
+        help: "Event bytes read from emitters and not yet written by every subscriber loop; beyond it emitters wait.")
+    var maxInflightBytes: Int = 16_777_216
+
     @Option(name: .customLong("ping-interval"), help: "Seconds between WebSocket pings.")
     var pingInterval: Double = 25
 
@@ -190,6 +195,7 @@ struct ServeCommand: AsyncParsableCommand {
         }
         for (flag, value, minimum) in [
             ("--history", history, 0), ("--max-event-bytes", maxEventBytes, 16), ("--max-outbound-bytes", maxOutboundBytes, 1024),
+            ("--max-inflight-bytes", maxInflightBytes, 1024),
             ("--max-topics", maxTopics, 1), ("--max-subscriptions", maxSubscriptions, 1),
         ] where value < minimum {
             throw CLIError.usage("\(flag) \(value): must be at least \(minimum)")
@@ -212,7 +218,8 @@ struct ServeCommand: AsyncParsableCommand {
             pingInterval: .nanoseconds(Int64(pingInterval * 1e9)),
             stateFile: stateFile,
             hub: HubConfiguration(
-                historyLimit: history, maxTopics: maxTopics, topicTTL: UInt64(topicTTL * 1e9)))
+                historyLimit: history, maxTopics: maxTopics, topicTTL: UInt64(topicTTL * 1e9)),
+            ingestBudgetBytes: maxInflightBytes)
         return Settings(configuration: configuration, templates: templates, logLevel: level)
     }
 

@@ -55,8 +55,9 @@ def test_serve_help_lists_every_flag():
     text = (cp.stdout + cp.stderr).decode()
     for flag in ["--socket", "--socket-mode", "--listen", "--jwt-secret-file",
                  "--jwt-public-key-file", "--grant", "--allow-origin", "--history",
-                 "--max-event-bytes", "--max-outbound-bytes", "--ping-interval", "--state-file",
-                 "--max-topics", "--max-subscriptions", "--topic-ttl", "--log-level", "--dev"]:
+                 "--max-event-bytes", "--max-outbound-bytes", "--max-inflight-bytes", "--ping-interval",
+                 "--state-file", "--max-topics", "--max-subscriptions", "--topic-ttl", "--log-level",
+                 "--dev"]:
         assert flag in text, f"serve --help does not mention {flag}"
 
 
@@ -88,6 +89,15 @@ def test_bad_listen_is_status_2_naming_the_flag(tmp, listen):
     lines = nonempty_lines(cp.stderr)
     assert len(lines) == 1, f"expected a one-line error, got: {lines}"
     assert "--listen" in lines[0]
+
+
+@pytest.mark.parametrize("flag,value", [("--max-inflight-bytes", "100"), ("--max-inflight-bytes", "x"),
+                                        ("--max-outbound-bytes", "10")])
+def test_byte_bounds_below_their_minimum_are_status_2_naming_the_flag(tmp, flag, value):
+    cp = run_cli(serve_args(tmp, None, "--jwt-secret-file", secret_file(tmp), flag, value), timeout=10)
+    assert cp.returncode == 2, (cp.returncode, cp.stderr)
+    assert flag in cp.stderr.decode()
+    assert not os.path.exists(tmp / "p.sock")
 
 
 @pytest.mark.parametrize("pattern", ["has space", "a*b", "bad#char:*"])
@@ -202,6 +212,13 @@ async def test_repeatable_flags_from_environment_are_comma_separated(relay_facto
     ws2 = await ws_connect(r, token=r.token(sub="al"))
     await send_json(ws2, {"op": "subscribe", "topic": "other"})
     assert (await recv_json(ws2)).get("code") == "forbidden"
+
+
+def test_max_inflight_bytes_from_environment(tmp):
+    cp = run_cli(serve_args(tmp, None, "--jwt-secret-file", secret_file(tmp)), timeout=10,
+                 env={"PROGRESS_RELAY_MAX_INFLIGHT_BYTES": "100"})
+    assert cp.returncode == 2, (cp.returncode, cp.stderr)
+    assert "--max-inflight-bytes 100" in cp.stderr.decode()
 
 
 def test_command_line_flag_wins_over_environment(relay_factory, tmp):

@@ -13,7 +13,7 @@ import pytest
 
 from relaylib import (
     assert_error_answers, async_test, event_text, expect_nothing, recv_event_texts, recv_events,
-    recv_json, ws_connect,
+    recv_json, stats_number, ws_connect,
 )
 
 T = "ing"
@@ -381,3 +381,51 @@ async def test_rejected_line_is_logged_with_sender_pid(relay):
             f"no log line with the emitter's pid {pid} after a rejected line:\n" \
             f"{relay.log_text()[before:][-3000:]}"
         await asyncio.sleep(0.05)
+
+
+@async_test(timeout=90)
+async def test_emitters_wait_at_the_inflight_bound_and_nothing_is_lost(relay_factory):
+    # A bound far smaller than one read: every burst spends it, so each emitter connection is
+    # held back (by the kernel, once the relay stops reading) until the subscriber loops have
+    # written what is in flight. Every event still arrives once, in order, on every subscriber.
+    r = relay_factory("--max-inflight-bytes", "1024")
+    topics, per_topic = ["bp:a", "bp:b", "bp:c", "bp:d"], 2000
+    subscribers = [await ws_connect(r, topics=[t]) for t in topics]
+    everything = await ws_connect(r, topics=["bp:*"])
+    for ws in [*subscribers, everything]:
+        assert (await recv_json(ws))["op"] == "subscribed"
+    assert stats_number(r.stats(), "ingest_paused") == 0
+
+    errors: list = []
+
+    def emitter(topic: str):
+        try:
+            pad = b"x" * 100
+            body = b"".join(b'{"topic":"%s","n":%d,"pad":"%s"}\n' % (topic.encode(), n, pad)
+                            for n in range(1, per_topic + 1))
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(60)
+                s.connect(r.socket_path)
+                s.sendall(body)
+                s.shutdown(socket.SHUT_WR)
+                answer = s.recv(4096)
+            if answer:
+                errors.append((topic, answer))
+        except Exception as e:  # noqa: BLE001
+            errors.append((topic, repr(e)))
+
+    threads = [threading.Thread(target=emitter, args=(t,)) for t in topics]
+    for t in threads:
+        t.start()
+    for topic, ws in zip(topics, subscribers):
+        events = await recv_events(ws, per_topic, timeout=60)
+        assert [(e["seq"], e["n"]) for e in events] == [(n, n) for n in range(1, per_topic + 1)], topic
+    merged = await recv_events(everything, len(topics) * per_topic, timeout=60)
+    for topic in topics:
+        assert [e["n"] for e in merged if e["topic"] == topic] == list(range(1, per_topic + 1)), topic
+    for t in threads:
+        t.join(30)
+    assert errors == []
+    paused = stats_number(r.stats(), "ingest_paused")
+    assert paused and paused > 0, "the emitters were never held back: the bound was not exercised"
+    assert f"progress_relay_ingest_paused_total {paused}" in r.metrics()

@@ -182,6 +182,7 @@ final class IngestHandler: ChannelDuplexHandler {
         guard budget.isSpent else { return context.read() }
         guard !readHeld else { return }
         readHeld = true
+        environment.metrics.ingestPausedForBudget()
         budget.wait { [self] in
             readHeld = false
             if active { context.read() }
