@@ -51,12 +51,3 @@ public struct LoopPlan: Sendable {
         }
     }
 }
-
-extension LoopPlan.Targets {
-    public var subscribers: [SubscriberID] {
-        switch self {
-        case .one(let id): return [id]
-        case .many(let ids): return ids
-        }
-    }
-}

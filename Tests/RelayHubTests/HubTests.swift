@@ -116,7 +116,14 @@ private struct Run {
 
 private func runs(_ plan: LoopPlan) -> [Run] {
     var out: [Run] = []
-    plan.forEachRun { targets, range in out.append(Run(frames: Array(plan.frames[range]), subscribers: targets.subscribers)) }
+    plan.forEachRun { targets, range in
+        let subscribers: [SubscriberID]
+        switch targets {
+        case .one(let id): subscribers = [id]
+        case .many(let ids): subscribers = ids
+        }
+        out.append(Run(frames: Array(plan.frames[range]), subscribers: subscribers))
+    }
     return out
 }
 
