@@ -32,6 +32,8 @@ public enum TokenError: Error, Equatable, Sendable, CustomStringConvertible {
     case algorithmNotAllowed(String)
     case badSignature
     case expired
+    /// No `exp` claim, and the relay was not told to accept such tokens.
+    case noExpiry
     case notYetValid
     case noSubject
 
@@ -42,6 +44,7 @@ public enum TokenError: Error, Equatable, Sendable, CustomStringConvertible {
         case .algorithmNotAllowed(let alg): return "token algorithm \(alg) is not the key's"
         case .badSignature: return "bad token signature"
         case .expired: return "token expired"
+        case .noExpiry: return "token has no exp (the relay accepts such tokens only with --allow-tokens-without-exp)"
         case .notYetValid: return "token not yet valid"
         case .noSubject: return "token has no sub"
         }
@@ -55,6 +58,7 @@ public enum TokenError: Error, Equatable, Sendable, CustomStringConvertible {
         case .algorithmNotAllowed: return "algorithm"
         case .badSignature: return "signature"
         case .expired: return "expired"
+        case .noExpiry: return "no_expiry"
         case .notYetValid: return "not_yet_valid"
         case .noSubject: return "no_subject"
         }
@@ -94,10 +98,12 @@ public final class TokenVerifier: Sendable {
     /// One key collection per accepted `alg`, so the header cannot pick another.
     private let keys: [String: JWTKeyCollection]
     private let templates: [GrantTemplate]
+    /// A token without `exp` is valid forever, a stolen one too: refused unless asked for.
+    private let allowsMissingExpiry: Bool
 
     public var algorithms: [String] { keys.keys.sorted() }
 
-    public init(key: VerificationKey, grantTemplates: [GrantTemplate]) async throws {
+    public init(key: VerificationKey, grantTemplates: [GrantTemplate], allowsMissingExpiry: Bool = false) async throws {
         var keys = [String: JWTKeyCollection]()
         switch key {
         case .secret(let secret):
@@ -118,6 +124,7 @@ public final class TokenVerifier: Sendable {
         }
         self.keys = keys
         self.templates = grantTemplates
+        self.allowsMissingExpiry = allowsMissingExpiry
     }
 
     /// Verifies `token` at `now`; never throws, never logs the token.
@@ -135,6 +142,7 @@ public final class TokenVerifier: Sendable {
         }
         let seconds = now.timeIntervalSince1970
         if let exp = claims.exp, seconds >= exp { return .failure(.expired) }
+        if claims.exp == nil, !allowsMissingExpiry { return .failure(.noExpiry) }
         if let nbf = claims.nbf, seconds < nbf { return .failure(.notYetValid) }
         guard let sub = claims.sub, !sub.isEmpty else { return .failure(.noSubject) }
         let granted = (claims.topics ?? []) + templates.compactMap { $0.grant(forSubject: sub) }

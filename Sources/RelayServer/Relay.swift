@@ -99,6 +99,37 @@ public final class Relay: Sendable {
         let loops = Array(group.makeIterator())
         hubConfiguration.loopCount = loops.count
 
+        // Everything that can refuse the start comes first: the state file is consumed only once
+        // both listeners are bound, so a failed start (port taken, socket live) keeps it.
+        if let path = configuration.stateFile {
+            do {
+                try StateFileStore.checkWritable(path)
+            } catch {
+                throw RelayStartError.configuration("\(error)")
+            }
+        }
+        let ingest: IngestListener
+        do {
+            if let adopted = configuration.adoptedIngestDescriptor {
+                ingest = try IngestListener.adopt(descriptor: adopted)
+            } else {
+                ingest = try IngestListener.bind(path: configuration.socketPath, mode: configuration.socketMode)
+            }
+        } catch {
+            throw RelayStartError.configuration("\(error)")
+        }
+        let http: HTTPListener
+        do {
+            if let adopted = configuration.adoptedHTTPDescriptor {
+                http = try HTTPListener.adopt(descriptor: adopted)
+            } else {
+                http = try HTTPListener.bind(host: configuration.listenHost, port: configuration.listenPort)
+            }
+        } catch {
+            ingest.stopAccepting()
+            throw RelayStartError.configuration("--listen \(configuration.listenHost):\(configuration.listenPort): \(error)")
+        }
+
         var restored: [TopicState] = []
         if let path = configuration.stateFile {
             do {
@@ -107,28 +138,30 @@ public final class Relay: Sendable {
                     logger.info("state restored", metadata: ["topics": "\(restored.count)", "file": "\(path)"])
                 }
             } catch {
-                logger.warning("state file unreadable, starting with new epochs", metadata: ["file": "\(path)", "error": "\(error)"])
+                logger.warning(
+                    "state file not restored, starting with new epochs",
+                    metadata: ["file": "\(path)", "error": "\(error)"])
             }
         }
-        let driver = try await HubDriver.make(
-            hubLoop: hubGroup.next(), loops: loops, configuration: hubConfiguration,
-            epochPrefix: Self.newEpochPrefix(), restoring: restored, metrics: metrics,
-            pingInterval: configuration.pingInterval)
-        let upkeep = driver.startUpkeep()
-
-        let ingest: IngestListener
-        if let adopted = configuration.adoptedIngestDescriptor {
-            ingest = try IngestListener.adopt(descriptor: adopted)
-        } else {
-            ingest = try IngestListener.bind(path: configuration.socketPath, mode: configuration.socketMode)
+        let driver: HubDriver
+        do {
+            driver = try await HubDriver.make(
+                hubLoop: hubGroup.next(), loops: loops, configuration: hubConfiguration,
+                epochPrefix: Self.newEpochPrefix(), restoring: restored, metrics: metrics,
+                pingInterval: configuration.pingInterval)
+        } catch {
+            ingest.stopAccepting()
+            http.stopAccepting()
+            throw error
         }
+        let upkeep = driver.startUpkeep()
 
         let subscriberEnvironment = SubscriberEnvironment(
             driver: driver, verifier: verifier, metrics: metrics, maxSubscriptions: configuration.maxSubscriptions,
             maxOutboundBytes: configuration.maxOutboundBytes, maxMessageBytes: configuration.maxClientMessageBytes,
             logger: logger)
         let routes = HTTPRoutes(
-            allowedOrigins: configuration.allowedOrigins, metricsText: metricsText,
+            origins: OriginPolicy(allowed: configuration.allowedOrigins), metricsText: metricsText,
             statsJSON: { driver.refreshCounts().map { metrics.statsJSON } })
         let upgrader = WebSocketUpgrader(
             maxFrameSize: configuration.maxClientMessageBytes,
@@ -144,17 +177,6 @@ public final class Relay: Sendable {
                     }
             })
 
-        let http: HTTPListener
-        do {
-            if let adopted = configuration.adoptedHTTPDescriptor {
-                http = try HTTPListener.adopt(descriptor: adopted)
-            } else {
-                http = try HTTPListener.bind(host: configuration.listenHost, port: configuration.listenPort)
-            }
-        } catch {
-            ingest.stopAccepting()
-            throw RelayStartError.listen("\(configuration.listenHost):\(configuration.listenPort)", "\(error)")
-        }
         http.start(group: group, logger: logger) { channel in
             channel.pipeline.configureHTTPServerPipeline(
                 withServerUpgrade: (
@@ -213,7 +235,9 @@ public final class Relay: Sendable {
     // MARK: Shutdown
 
     /// Stops the relay without losing an accepted line; returns within about five seconds.
-    public func shutdown() async {
+    /// Throws, once everything is stopped, when the state file could not be written: the next
+    /// start then loses every epoch, which the exit status must tell.
+    public func shutdown() async throws {
         logger.notice("relay shutting down")
         notifier?.notify("STOPPING=1\nSTATUS=shutting down")
         statusTask.withLockedValue { $0?.cancel() }
@@ -236,6 +260,7 @@ public final class Relay: Sendable {
         logger.debug("subscribers closed", metadata: ["after": "\(elapsed())"])
         upkeep.cancel()
 
+        var stateFailure: (any Error)?
         if let path = configuration.stateFile {
             do {
                 let topics = try await driver.snapshot().get()
@@ -243,11 +268,13 @@ public final class Relay: Sendable {
                 logger.info("state written", metadata: ["topics": "\(topics.count)", "file": "\(path)"])
             } catch {
                 logger.error("could not write the state file", metadata: ["file": "\(path)", "error": "\(error)"])
+                stateFailure = error
             }
         }
         try? await group.shutdownGracefully()
         try? await hubGroup.shutdownGracefully()
         logger.notice("relay stopped")
+        if let stateFailure { throw RelayStopError.stateNotWritten("\(stateFailure)") }
     }
 
     private static func wait(for future: EventLoopFuture<Void>, upTo timeout: TimeAmount, on loop: any EventLoop) async {
@@ -265,12 +292,25 @@ public final class Relay: Sendable {
     }
 }
 
+/// Why the relay did not start.
 public enum RelayStartError: Error, CustomStringConvertible {
-    case listen(String, String)
+    /// A flag's value cannot work (an address, a path, a directory): one line naming the flag.
+    case configuration(String)
 
     public var description: String {
         switch self {
-        case .listen(let address, let error): return "--listen \(address): \(error)"
+        case .configuration(let message): return message
+        }
+    }
+}
+
+/// Why a stop was not clean.
+public enum RelayStopError: Error, CustomStringConvertible {
+    case stateNotWritten(String)
+
+    public var description: String {
+        switch self {
+        case .stateNotWritten(let reason): return "could not write the state file: \(reason)"
         }
     }
 }

@@ -13,8 +13,8 @@ public struct RelayConfiguration: Sendable {
     public var adoptedHTTPDescriptor: CInt?
     public var listenHost: String
     public var listenPort: Int
-    /// When non-empty, browsers from other origins are refused.
-    public var allowedOrigins: Set<String>
+    /// When non-empty, browsers from other origins (except the relay's own) are refused.
+    public var allowedOrigins: Set<WebOrigin>
     public var maxEventBytes: Int
     public var maxOutboundBytes: Int
     public var maxSubscriptions: Int
@@ -37,7 +37,7 @@ public struct RelayConfiguration: Sendable {
         adoptedHTTPDescriptor: CInt? = nil,
         listenHost: String = "127.0.0.1",
         listenPort: Int = 8765,
-        allowedOrigins: Set<String> = [],
+        allowedOrigins: Set<WebOrigin> = [],
         maxEventBytes: Int = 65536,
         maxOutboundBytes: Int = 4 * 1024 * 1024,
         maxSubscriptions: Int = 100,

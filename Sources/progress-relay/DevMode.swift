@@ -1,4 +1,9 @@
 // DevMode: `serve --dev`, a relay to try out with nothing set up.
+//
+// Its files are per user: a shared name in /tmp would let one user's relay
+// unlink another's socket or read a secret another user's file holds. With
+// `$XDG_RUNTIME_DIR` (a private directory) they go there; otherwise into the
+// temporary directory with the uid in their names.
 
 import Foundation
 import RelayAuth
@@ -15,27 +20,68 @@ enum DevMode {
         return Array(hex.utf8)
     }
 
-    /// `/run/progress.sock` when this user may create it, else a path in the temporary directory.
+    /// `/run/progress.sock` when this user may create it (root), else a path of this user's own.
     static func socketPath() -> String {
         if access("/run", W_OK) == 0 { return "/run/progress.sock" }
-        let directory = ProcessInfo.processInfo.environment["TMPDIR"].flatMap { $0.isEmpty ? nil : $0 } ?? "/tmp"
-        return directory + "/progress-relay.sock"
+        return ownPath("progress-relay.sock")
     }
 
-    /// Prints the secret, a token granting `*`, and commands to try; flushed at once.
+    /// Where the secret is written for `progress-relay token`.
+    static func secretPath() -> String { ownPath("progress-relay-dev-secret") }
+
+    /// `$XDG_RUNTIME_DIR/<name>` when that directory is this user's, else `$TMPDIR/<stem>-<uid><ext>`.
+    static func ownPath(_ name: String) -> String {
+        let environment = ProcessInfo.processInfo.environment
+        if let runtime = environment["XDG_RUNTIME_DIR"], !runtime.isEmpty {
+            var status = stat()
+            if stat(runtime, &status) == 0, (status.st_mode & S_IFMT) == S_IFDIR, status.st_uid == getuid(),
+                access(runtime, W_OK) == 0
+            {
+                return runtime + "/" + name
+            }
+        }
+        let directory = environment["TMPDIR"].flatMap { $0.isEmpty ? nil : $0 } ?? "/tmp"
+        let (stem, ext) = name.hasSuffix(".sock") ? (String(name.dropLast(5)), ".sock") : (name, "")
+        return "\(directory)/\(stem)-\(getuid())\(ext)"
+    }
+
+    /// Writes `secret` to `path`, mode 0600, replacing only a regular file of this user's own:
+    /// never through a symbolic link, never into another user's file. Returns why it could not.
+    static func writeSecret(_ secret: [UInt8], to path: String) -> String? {
+        var status = stat()
+        if lstat(path, &status) == 0 {
+            guard (status.st_mode & S_IFMT) == S_IFREG, status.st_uid == getuid() else {
+                return "\(path) exists and is not a file of this user's (uid \(getuid()))"
+            }
+            guard unlink(path) == 0 else { return "\(path): cannot replace it: \(String(cString: strerror(errno)))" }
+        }
+        let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
+        guard fd >= 0 else { return "\(path): \(String(cString: strerror(errno)))" }
+        defer { close(fd) }
+        guard writeAll(fd, secret) else { return "\(path): \(String(cString: strerror(errno)))" }
+        return nil
+    }
+
+    /// Prints the secret, a token granting `*`, and commands to try. Never stops the relay: a
+    /// closed or full standard output only loses the banner (said on standard error).
     static func printBanner(secret: [UInt8], relay: Relay, socketPath: String) async throws {
         let token = try await TokenMinter.hs256(secret: secret, subject: "dev", topics: ["*"], ttl: 86400)
-        let secretPath = NSTemporaryDirectory() + "progress-relay-dev-secret"
-        _ = FileManager.default.createFile(atPath: secretPath, contents: Data(secret), attributes: [.posixPermissions: 0o600])
+        let secretPath = secretPath()
+        let secretProblem = writeSecret(secret, to: secretPath)
         let port = relay.httpAddress.port ?? 8765
         var host = relay.configuration.listenHost
         if host.contains(":") { host = "[\(host)]" }
         let base = "\(host):\(port)"
         let socket = relay.configuration.adoptedIngestDescriptor == nil ? socketPath : "(systemd socket)"
+        let secretText = String(decoding: secret, as: UTF8.self)
+        let mint =
+            secretProblem == nil
+            ? "  progress-relay token --jwt-secret-file \(secretPath) --sub alice --topic 'task:*' --ttl 1h"
+            : "  (the secret could not be written: \(secretProblem!); put the secret above in a file of yours)"
         let text = """
             progress-relay is running in development mode (loopback only, random secret).
 
-              secret:  \(String(decoding: secret, as: UTF8.self))   (also in \(secretPath))
+              secret:  \(secretText)\(secretProblem == nil ? "   (also in \(secretPath))" : "")
               token:   \(token)
                        sub "dev", topics ["*"], valid 24 hours
               page:    http://\(base)/?token=\(token)
@@ -45,10 +91,30 @@ enum DevMode {
               printf '{"topic":"demo","type":"progress","progress":50,"message":"half way"}\\n' | socat - UNIX-CONNECT:\(socket)
               progress-relay emit --socket \(socket) --topic demo --type progress --field progress=50
             Mint another token:
-              progress-relay token --jwt-secret-file \(secretPath) --sub alice --topic 'task:*' --ttl 1h
+            \(mint)
 
             """
-        // FileHandle writes straight to the descriptor: nothing waits in a buffer, terminal or not.
-        FileHandle.standardOutput.write(Data(text.utf8))
+        // Straight to the descriptor: nothing waits in a buffer, terminal or not.
+        if !writeAll(STDOUT_FILENO, Array(text.utf8)) {
+            let reason = String(cString: strerror(errno))
+            _ = writeAll(STDERR_FILENO, Array("progress-relay: could not print the --dev banner: \(reason)\n".utf8))
+        }
+        if let secretProblem {
+            _ = writeAll(STDERR_FILENO, Array("progress-relay: --dev: could not write the secret: \(secretProblem)\n".utf8))
+        }
+    }
+
+    /// Writes every byte (SIGPIPE is ignored by `serve`, so a closed pipe is EPIPE here); false on error.
+    private static func writeAll(_ fd: CInt, _ bytes: [UInt8]) -> Bool {
+        var offset = 0
+        while offset < bytes.count {
+            let written = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + offset, $0.count - offset) }
+            if written < 0 {
+                if errno == EINTR { continue }
+                return false
+            }
+            offset += written
+        }
+        return true
     }
 }

@@ -17,21 +17,26 @@ enum EnvironmentFlags {
             ("history", .single), ("max-event-bytes", .single), ("max-outbound-bytes", .single),
             ("max-inflight-bytes", .single),
             ("ping-interval", .single), ("state-file", .single), ("max-topics", .single),
-            ("max-subscriptions", .single), ("topic-ttl", .single), ("log-level", .single), ("dev", .toggle),
+            ("max-subscriptions", .single), ("topic-ttl", .single), ("log-level", .single), ("allow-tokens-without-exp", .toggle),
+            ("dev", .toggle),
         ],
         "emit": [("socket", .single)],
         "token": [("jwt-secret-file", .single)],
     ]
 
+    /// The command line with the variables' flags added, and which flag came from which variable
+    /// (`--history` → `PROGRESS_RELAY_HISTORY`), so that an error can name what the user set.
     static func apply(
         to arguments: [String], environment: [String: String] = ProcessInfo.processInfo.environment
-    ) -> [String] {
-        guard let subcommand = arguments.first, let known = flags[subcommand] else { return arguments }
+    ) -> (arguments: [String], variables: [String: String]) {
+        guard let subcommand = arguments.first, let known = flags[subcommand] else { return (arguments, [:]) }
         var result = arguments
+        var variables = [String: String]()
         for (name, kind) in known {
             let given = arguments.contains { $0 == "--" + name || $0.hasPrefix("--" + name + "=") }
             let variable = "PROGRESS_RELAY_" + name.uppercased().replacingOccurrences(of: "-", with: "_")
             guard !given, let value = environment[variable], !value.isEmpty else { continue }
+            variables["--" + name] = variable
             switch kind {
             case .single:
                 result += ["--" + name, value]
@@ -43,6 +48,18 @@ enum EnvironmentFlags {
                 if ["1", "true", "yes", "on"].contains(value.lowercased()) { result.append("--" + name) }
             }
         }
-        return result
+        return (result, variables)
+    }
+
+    /// `message` with the variable named, when it speaks of a flag whose value came from one.
+    static func attribute(_ message: String, variables: [String: String]) -> String {
+        for (flag, variable) in variables.sorted(by: { $0.key.count > $1.key.count }) {
+            guard let range = message.range(of: flag) else { continue }
+            // `--history` must not match inside `--history-foo`.
+            let next = message[range.upperBound...].first
+            if let next, next.isLetter || next == "-" { continue }
+            return message + " (the value comes from \(variable))"
+        }
+        return message
     }
 }

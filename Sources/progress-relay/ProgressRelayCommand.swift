@@ -12,9 +12,15 @@ struct ProgressRelayCommand: AsyncParsableCommand {
         subcommands: [ServeCommand.self, EmitCommand.self, TokenCommand.self]
     )
 
-    /// Exit statuses: 0 done, 1 failed at run time, 2 bad flags or configuration.
+    /// Exit statuses: 0 done, 1 failed at run time, 2 bad flags or configuration. Every error is
+    /// one line on standard error.
     static func main() async {
-        let arguments = EnvironmentFlags.apply(to: Array(CommandLine.arguments.dropFirst()))
+        let (arguments, variables) = EnvironmentFlags.apply(to: Array(CommandLine.arguments.dropFirst()))
+        func fail(_ message: String, status: Int32) -> Never {
+            let line = EnvironmentFlags.attribute(message, variables: variables)
+            FileHandle.standardError.write(Data("progress-relay: \(line)\n".utf8))
+            Foundation.exit(status)
+        }
         do {
             var command = try parseAsRoot(arguments)
             if var asyncCommand = command as? AsyncParsableCommand {
@@ -23,17 +29,21 @@ struct ProgressRelayCommand: AsyncParsableCommand {
                 try command.run()
             }
         } catch let error as CLIError {
-            FileHandle.standardError.write(Data("progress-relay: \(error.message)\n".utf8))
-            Foundation.exit(error.status)
+            fail(error.message, status: error.status)
         } catch {
             let code = exitCode(for: error)
             if code == .success {
                 print(fullMessage(for: error))
                 Foundation.exit(0)
             }
-            let message = fullMessage(for: error)
-            FileHandle.standardError.write(Data((message.isEmpty ? "" : message + "\n").utf8))
-            Foundation.exit(code == .validationFailure ? 2 : code.rawValue)
+            // The parser's own message, without its usage block: one line, like every other error.
+            let lines = message(for: error).split(whereSeparator: \.isNewline)
+                .map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
+            let subcommand = arguments.first.map { ["serve", "emit", "token"].contains($0) ? " \($0)" : "" } ?? ""
+            fail(
+                (lines.isEmpty ? "invalid arguments" : lines.joined(separator: " "))
+                    + " (see progress-relay\(subcommand) --help)",
+                status: code == .validationFailure ? 2 : code.rawValue)
         }
     }
 }

@@ -11,6 +11,7 @@ import RelayAuth
 import RelayHub
 import RelayServer
 import ServiceLifecycle
+import UnixSignals
 
 #if canImport(Glibc)
 import Glibc
@@ -40,43 +41,57 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(name: .customLong("allow-origin"), help: "Browser origin allowed to connect (repeatable; default any).")
     var allowOrigins: [String] = []
 
-    @Option(help: "Events of each topic kept for resume.")
+    // Numbers are parsed `.unconditional`ly, so `--history -1` is the value -1 (refused with the
+    // flag's rule) rather than "missing value" for a flag that looks like another flag.
+    @Option(parsing: .unconditional, help: "Events of each topic kept for resume.")
     var history: Int = 100
 
-    @Option(name: .customLong("max-event-bytes"), help: "Longest accepted ingest line.")
+    @Option(name: .customLong("max-event-bytes"), parsing: .unconditional, help: "Longest accepted ingest line.")
     var maxEventBytes: Int = 65536
 
-    @Option(name: .customLong("max-outbound-bytes"), help: "Unsent bytes a subscriber may owe before it is cut off.")
+    @Option(
+        name: .customLong("max-outbound-bytes"), parsing: .unconditional,
+        help: "Unsent bytes a subscriber may owe before it is cut off.")
     var maxOutboundBytes: Int = 4_194_304
 
     @Option(
-        name: .customLong("max-inflight-bytes"),
+        name: .customLong("max-inflight-bytes"), parsing: .unconditional,
         help: "Event bytes read from emitters and not yet written by every subscriber loop; beyond it emitters wait.")
     var maxInflightBytes: Int = 16_777_216
 
-    @Option(name: .customLong("ping-interval"), help: "Seconds between WebSocket pings.")
+    @Option(name: .customLong("ping-interval"), parsing: .unconditional, help: "Seconds between WebSocket pings.")
     var pingInterval: Double = 25
 
     @Option(name: .customLong("state-file"), help: "State written on shutdown and read back on start.")
     var stateFile: String?
 
-    @Option(name: .customLong("max-topics"), help: "Topics kept; beyond it the longest-idle topic is forgotten.")
+    @Option(
+        name: .customLong("max-topics"), parsing: .unconditional,
+        help: "Topics kept; beyond it the longest-idle topic is forgotten.")
     var maxTopics: Int = 100_000
 
-    @Option(name: .customLong("max-subscriptions"), help: "Subscriptions one connection may hold.")
+    @Option(name: .customLong("max-subscriptions"), parsing: .unconditional, help: "Subscriptions one connection may hold.")
     var maxSubscriptions: Int = 100
 
-    @Option(name: .customLong("topic-ttl"), help: "Seconds an idle topic is kept.")
+    @Option(name: .customLong("topic-ttl"), parsing: .unconditional, help: "Seconds an idle topic is kept.")
     var topicTTL: Double = 3600
 
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning or error.")
     var logLevel: String = "info"
+
+    @Flag(
+        name: .customLong("allow-tokens-without-exp"),
+        help: "Accept tokens that carry no exp claim. A risk: such a token, once leaked, is valid forever.")
+    var allowTokensWithoutExp = false
 
     @Flag(help: "Development mode: a random secret and a ready token, printed to standard output.")
     var dev = false
 
     func run() async throws {
         let settings = try checkedSettings()
+        // A write to a closed pipe (standard output of `serve --dev | head`, say) must be an
+        // error the relay can ignore, not a signal that kills it and leaves its socket file.
+        signal(SIGPIPE, SIG_IGN)
         let logger = Self.bootstrapLogging(level: settings.logLevel)
         let registry = PrometheusCollectorRegistry()
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
@@ -88,9 +103,7 @@ struct ServeCommand: AsyncParsableCommand {
             key = .secret(try SecretFile.read(secretFile, flag: "--jwt-secret-file"))
             if dev { mintingSecret = try SecretFile.read(secretFile, flag: "--jwt-secret-file") }
         } else if let keyFile = jwtPublicKeyFile {
-            guard let pem = FileManager.default.contents(atPath: keyFile) else {
-                throw CLIError.usage("--jwt-public-key-file \(keyFile): cannot read the file")
-            }
+            let pem = try KeyFile.read(keyFile, flag: "--jwt-public-key-file")
             key = .publicKeyPEM(String(decoding: pem, as: UTF8.self))
         } else {
             let secret = DevMode.randomSecret()
@@ -99,7 +112,8 @@ struct ServeCommand: AsyncParsableCommand {
         }
         let verifier: TokenVerifier
         do {
-            verifier = try await TokenVerifier(key: key, grantTemplates: settings.templates)
+            verifier = try await TokenVerifier(
+                key: key, grantTemplates: settings.templates, allowsMissingExpiry: allowTokensWithoutExp)
         } catch {
             let flag = jwtSecretFile != nil ? "--jwt-secret-file \(jwtSecretFile!)" : "--jwt-public-key-file \(jwtPublicKeyFile ?? "")"
             throw CLIError.usage("\(flag): \(error)")
@@ -135,6 +149,8 @@ struct ServeCommand: AsyncParsableCommand {
                         configuration: relayConfiguration, verifier: verifier, metrics: RelayMetrics(),
                         metricsText: { registry.emitToString() }, notifier: SystemdNotifier.fromEnvironment(),
                         logger: logger)
+                } catch let error as RelayStartError {
+                    throw CLIError.usage("\(error)")
                 } catch {
                     throw CLIError.failure("\(error)")
                 }
@@ -148,6 +164,18 @@ struct ServeCommand: AsyncParsableCommand {
                     logger.error("could not mint the development token", metadata: ["error": "\(error)"])
                 }
             })
+        if allowTokensWithoutExp {
+            logger.warning("--allow-tokens-without-exp: tokens without exp are accepted and never expire")
+        }
+        // SIGHUP would otherwise end the relay (exit 129) without its state: until keys are
+        // reloaded on it, it is noted and ignored.
+        let hangups = await UnixSignalsSequence(trapping: .sighup)
+        let hangupTask = Task {
+            for await _ in hangups {
+                logger.notice("SIGHUP received: nothing to reload yet (keys and flags are read at start); still serving")
+            }
+        }
+        defer { hangupTask.cancel() }
         let services = ServiceGroup(
             configuration: .init(
                 services: [.init(service: service)],
@@ -186,6 +214,15 @@ struct ServeCommand: AsyncParsableCommand {
         if dev, !Self.isLoopback(host) {
             throw CLIError.usage("--listen \(listen): --dev serves loopback only (127.0.0.1, ::1 or localhost)")
         }
+        var origins = Set<WebOrigin>()
+        for value in allowOrigins {
+            guard let origin = WebOrigin(value) else {
+                let hint = value.hasSuffix("/") ? "; an origin has no path: drop the trailing /" : ""
+                throw CLIError.usage(
+                    "--allow-origin \(value): expected scheme://host[:port], e.g. https://app.example.com\(hint)")
+            }
+            origins.insert(origin)
+        }
         var templates = [GrantTemplate]()
         for grant in grants {
             guard let template = GrantTemplate(grant) else {
@@ -211,7 +248,7 @@ struct ServeCommand: AsyncParsableCommand {
             socketMode: mode,
             listenHost: host,
             listenPort: port,
-            allowedOrigins: Set(allowOrigins),
+            allowedOrigins: origins,
             maxEventBytes: maxEventBytes,
             maxOutboundBytes: maxOutboundBytes,
             maxSubscriptions: maxSubscriptions,
@@ -275,6 +312,10 @@ struct RelayService: Service {
             exit(1)
         }
         deadline.start()
-        await relay.shutdown()
+        do {
+            try await relay.shutdown()
+        } catch {
+            throw CLIError.failure("\(error)")
+        }
     }
 }

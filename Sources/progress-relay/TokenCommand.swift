@@ -3,6 +3,7 @@
 import ArgumentParser
 import Foundation
 import RelayAuth
+import RelayHub
 
 struct TokenCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
@@ -21,26 +22,18 @@ struct TokenCommand: AsyncParsableCommand {
     var ttl: String = "1h"
 
     func run() async throws {
-        let secret = try SecretFile.read(secretFile, flag: "--jwt-secret-file")
+        // A token the relay would always refuse is a mistake to report now, not a string to hand out.
+        guard !sub.isEmpty else { throw CLIError.usage("--sub: must not be empty (the relay refuses a token without sub)") }
+        for topic in topics where !TopicName.isValidTopicOrPattern(topic) {
+            throw CLIError.usage(
+                "--topic \(topic): expected a topic (1 to 256 of A-Z a-z 0-9 _ - . : / @ =) or a prefix pattern ending in *")
+        }
         guard let seconds = Duration.seconds(parsing: ttl) else {
             throw CLIError.usage("--ttl \(ttl): expected seconds or a number with s, m, h or d")
         }
+        let secret = try SecretFile.read(secretFile, flag: "--jwt-secret-file")
         let token = try await TokenMinter.hs256(secret: secret, subject: sub, topics: topics, ttl: seconds)
         print(token)
-    }
-}
-
-enum SecretFile {
-    /// The file's bytes with one trailing newline removed.
-    static func read(_ path: String, flag: String) throws -> [UInt8] {
-        guard let data = FileManager.default.contents(atPath: path) else {
-            throw CLIError.usage("\(flag) \(path): cannot read the file")
-        }
-        var bytes = [UInt8](data)
-        if bytes.last == UInt8(ascii: "\n") { bytes.removeLast() }
-        if bytes.last == UInt8(ascii: "\r") { bytes.removeLast() }
-        guard !bytes.isEmpty else { throw CLIError.usage("\(flag) \(path): the file is empty") }
-        return bytes
     }
 }
 

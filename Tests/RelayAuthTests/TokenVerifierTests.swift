@@ -168,9 +168,16 @@ struct TokenVerifierSecretTests {
         }
     }
 
-    @Test("a token without exp is valid and has no expiry")
-    func noExp() async throws {
+    @Test("a token without exp is refused by default: it would never expire")
+    func noExpRefused() async throws {
         let verifier = try await secretVerifier()
+        let result = await verifier.verify(hmacToken(alg: "HS256", key: secret, claims: claims(exp: nil)), now: now)
+        #expect(failure(result) == .noExpiry)
+    }
+
+    @Test("a token without exp is valid, with no expiry, when the relay allows it")
+    func noExpAllowed() async throws {
+        let verifier = try await TokenVerifier(key: .secret(secret), grantTemplates: [], allowsMissingExpiry: true)
         let p = principal(await verifier.verify(hmacToken(alg: "HS256", key: secret, claims: claims(exp: nil)), now: now))
         #expect(p?.subject == "alice")
         #expect(p?.expiresAt == nil)

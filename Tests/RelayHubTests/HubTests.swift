@@ -1,7 +1,7 @@
 // Tests of the Hub alone: numbering, frames, history and resume, fan-out plans,
 // patterns, forgetting topics (--max-topics, --topic-ttl), and the state file.
 //
-// Contract references are to /work/shared/design/CONTRACT.md, sections 3 to 5.
+// Contract references are to docs/protocol.md (the command line, ingest and delivery sections).
 
 import Foundation
 import NIOCore

@@ -37,17 +37,25 @@ final class Acceptor: Sendable {
         _ = fcntl(descriptor, F_SETFL, fcntl(descriptor, F_GETFL) | O_NONBLOCK)
     }
 
-    /// Starts the thread; `handOff` receives each accepted, non-blocking, close-on-exec descriptor.
-    func start(logger: Logger, handOff: @escaping @Sendable (CInt) -> Void) {
+    /// Starts the thread; `handOff` receives each accepted, non-blocking, close-on-exec descriptor
+    /// and returns when the connection is set up. With `acceptingPendingOnStop`, `stop` first
+    /// accepts every connection already waiting in the backlog and waits for their set-up: an
+    /// emitter's connect and write succeed while it waits there, so dropping it would lose lines
+    /// the emitter believes written.
+    func start(
+        logger: Logger, acceptingPendingOnStop: Bool = false,
+        handOff: @escaping @Sendable (CInt) -> EventLoopFuture<Void>
+    ) {
         let thread = Thread { [self] in
             self.run(logger: logger, handOff: handOff)
+            if acceptingPendingOnStop { self.acceptPending(handOff: handOff) }
+            self.finished.withLockedValue { $0 = true }
         }
         thread.name = name
         thread.start()
     }
 
-    private func run(logger: Logger, handOff: @Sendable (CInt) -> Void) {
-        defer { finished.withLockedValue { $0 = true } }
+    private func run(logger: Logger, handOff: @Sendable (CInt) -> EventLoopFuture<Void>) {
         var spare = open("/dev/null", O_RDONLY | O_CLOEXEC)
         var fds = [
             pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0),
@@ -64,7 +72,7 @@ final class Acceptor: Sendable {
             let connection = accept(descriptor, nil, nil)
             if connection >= 0 {
                 Self.setFlags(connection)
-                handOff(connection)
+                _ = handOff(connection)
                 continue
             }
             let code = errno
@@ -96,6 +104,21 @@ final class Acceptor: Sendable {
             }
         }
         if spare >= 0 { close(spare) }
+    }
+
+    /// The backlog's connections, set up before the thread ends (bounded: a flood cannot hold
+    /// the shutdown).
+    private func acceptPending(handOff: @Sendable (CInt) -> EventLoopFuture<Void>) {
+        for _ in 0..<4096 {
+            let connection = accept(descriptor, nil, nil)
+            guard connection >= 0 else {
+                if errno == EINTR || errno == ECONNABORTED { continue }
+                return
+            }
+            Self.setFlags(connection)
+            // A plain thread, not an event loop: waiting here blocks nothing of NIO's.
+            try? handOff(connection).wait()
+        }
     }
 
     /// Stops accepting and waits (briefly) for the thread to leave `accept`; the socket stays open.

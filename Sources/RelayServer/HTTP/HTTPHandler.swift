@@ -51,14 +51,13 @@ enum StaticFiles {
 
 /// What the HTTP routes read from the rest of the relay.
 struct HTTPRoutes: Sendable {
-    let allowedOrigins: Set<String>
+    let origins: OriginPolicy
     let metricsText: @Sendable () -> String
     let statsJSON: @Sendable () -> EventLoopFuture<String>
 
     /// Browsers send `Origin`; other clients do not and are always allowed.
     func originAllowed(_ head: HTTPRequestHead) -> Bool {
-        guard !allowedOrigins.isEmpty, let origin = head.headers.first(name: "origin") else { return true }
-        return allowedOrigins.contains(origin)
+        origins.allows(origin: head.headers.first(name: "origin"), host: head.headers.first(name: "host"))
     }
 }
 

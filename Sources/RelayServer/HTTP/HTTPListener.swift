@@ -23,19 +23,43 @@ final class HTTPListener: Sendable {
         address = try Self.localAddress(of: descriptor)
     }
 
+    /// Why `--listen` could not be bound, in words (NIO's `IOError` reads "bind(...) failed: ...) (errno: 98)").
+    struct BindError: Error, CustomStringConvertible {
+        let call: String
+        let code: Int32
+        let port: Int
+
+        var description: String {
+            let reason = String(cString: strerror(code))
+            switch code {
+            case EADDRINUSE: return "cannot listen: \(reason) (another relay or server uses this port)"
+            case EACCES where port < 1024:
+                return "cannot listen: \(reason) (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
+            case EADDRNOTAVAIL: return "cannot listen: \(reason) (no interface of this machine has that address)"
+            default: return "cannot listen: \(call): \(reason)"
+            }
+        }
+    }
+
     /// Binds `host:port` (an IP address or `localhost`).
     static func bind(host: String, port: Int) throws -> HTTPListener {
         let address = try SocketAddress.makeAddressResolvingHost(host == "localhost" ? "127.0.0.1" : host, port: port)
         let family = address.protocol == .inet6 ? AF_INET6 : AF_INET
-        let fd = socket(family, Int32(SOCK_STREAM.rawValue), 0)
-        guard fd >= 0 else { throw IOError(errnoCode: errno, reason: "socket") }
+        let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw BindError(call: "socket", code: errno, port: port) }
         var one: Int32 = 1
+        // SOL_SOCKET/SO_REUSEADDR needs no privilege (a restart rebinds past TIME_WAIT).
         _ = setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
         let bound = address.withSockAddr { pointer, length in Glibc.bind(fd, pointer, socklen_t(length)) }
-        guard bound == 0, listen(fd, 1024) == 0 else {
+        guard bound == 0 else {
             let code = errno
             close(fd)
-            throw IOError(errnoCode: code, reason: "bind")
+            throw BindError(call: "bind", code: code, port: port)
+        }
+        guard listen(fd, 1024) == 0 else {
+            let code = errno
+            close(fd)
+            throw BindError(call: "listen", code: code, port: port)
         }
         return try HTTPListener(descriptor: fd, owned: true)
     }
@@ -50,13 +74,16 @@ final class HTTPListener: Sendable {
         configure: @escaping @Sendable (any Channel) -> EventLoopFuture<Void>
     ) {
         acceptor.start(logger: logger) { connection in
-            ClientBootstrap(group: group)
-                .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            let setUp = ClientBootstrap(group: group)
+                // IPPROTO_TCP level: `.socketOption(.tcp_nodelay)` is SOL_SOCKET option 1, SO_DEBUG,
+                // which needs CAP_NET_ADMIN and failed every connection of an unprivileged relay.
+                .channelOption(.tcpOption(.tcp_nodelay), value: 1)
                 .channelInitializer(configure)
                 .withConnectedSocket(connection)
-                .whenFailure { error in
-                    logger.warning("could not serve an HTTP connection", metadata: ["error": "\(error)"])
-                }
+            setUp.whenFailure { error in
+                logger.warning("could not serve an HTTP connection", metadata: ["error": "\(error)"])
+            }
+            return setUp.map { _ in }
         }
     }
 

@@ -30,14 +30,23 @@ public enum IngestSocketError: Error, CustomStringConvertible {
     case pathTooLong(String)
     case inUse(String)
     case notASocket(String)
+    /// The socket file answers with an error other than "nobody listens": it may be live and
+    /// another user's, so it is left alone.
+    case cannotProbe(String, Int32)
     case system(String, String, Int32)
 
     public var description: String {
         switch self {
-        case .pathTooLong(let path): return "--socket \(path): path is too long for a Unix socket"
+        case .pathTooLong(let path):
+            return "--socket \(path): path is too long for a Unix socket (at most 107 bytes)"
         case .inUse(let path): return "--socket \(path): another process is already listening there (is a relay running?)"
         case .notASocket(let path): return "--socket \(path): exists and is not a socket; refusing to replace it"
+        case .cannotProbe(let path, let code):
+            return "--socket \(path): in use by someone else or not reachable (\(String(cString: strerror(code)))); refusing to replace it"
         case .system(let call, let path, let code):
+            if call == "bind", code == ENOENT {
+                return "--socket \(path): the directory \((path as NSString).deletingLastPathComponent) does not exist"
+            }
             return "--socket \(path): \(call) failed: \(String(cString: strerror(code)))"
         }
     }
@@ -45,23 +54,38 @@ public enum IngestSocketError: Error, CustomStringConvertible {
 
 final class IngestListener: Sendable {
     let path: String?
+    /// Device and inode of the socket file this process bound: at shutdown the file is removed
+    /// only if it is still that one (another relay may have replaced it meanwhile).
+    private let boundFile: (device: UInt64, inode: UInt64)?
     private let acceptor: Acceptor
     private let connections = NIOLockedValueBox<[ObjectIdentifier: (descriptor: CInt, channel: any Channel)]>([:])
 
     private init(descriptor: CInt, path: String?) throws {
         self.path = path
+        if let path {
+            var status = stat()
+            boundFile = stat(path, &status) == 0 ? (UInt64(status.st_dev), UInt64(status.st_ino)) : nil
+        } else {
+            boundFile = nil
+        }
         acceptor = try Acceptor(descriptor: descriptor, name: "ingest-accept")
     }
 
-    /// Binds `path`, replacing a stale socket file but never a live one or a non-socket.
+    /// Binds `path`, replacing a stale socket file but never a live one, another user's, or a non-socket.
     static func bind(path: String, mode: UInt32) throws -> IngestListener {
         guard let address = UnixAddress(path) else { throw IngestSocketError.pathTooLong(path) }
 
         var status = stat()
         if lstat(path, &status) == 0 {
             guard (status.st_mode & S_IFMT) == S_IFSOCK else { throw IngestSocketError.notASocket(path) }
-            if isLive(address) { throw IngestSocketError.inUse(path) }
-            unlink(path)
+            switch probe(address) {
+            case .live: throw IngestSocketError.inUse(path)
+            case .unknown(let code): throw IngestSocketError.cannotProbe(path, code)
+            case .stale:
+                guard unlink(path) == 0 || errno == ENOENT else {
+                    throw IngestSocketError.system("removing the stale socket file: unlink", path, errno)
+                }
+            }
         }
 
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
@@ -86,11 +110,19 @@ final class IngestListener: Sendable {
         try IngestListener(descriptor: descriptor, path: nil)
     }
 
-    private static func isLive(_ address: UnixAddress) -> Bool {
+    private enum Probe { case live, stale, unknown(Int32) }
+
+    /// Only "connection refused" (nobody listens) and "no such file" mean stale. Anything else,
+    /// permission denied above all, may be another user's live relay.
+    private static func probe(_ address: UnixAddress) -> Probe {
         let probe = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard probe >= 0 else { return false }
+        guard probe >= 0 else { return .unknown(errno) }
         defer { close(probe) }
-        return address.withSocketAddress { connect(probe, $0, $1) == 0 }
+        if address.withSocketAddress({ connect(probe, $0, $1) }) == 0 { return .live }
+        switch errno {
+        case ECONNREFUSED, ENOENT: return .stale
+        case let code: return .unknown(code)
+        }
     }
 
     // MARK: Accepting
@@ -100,9 +132,11 @@ final class IngestListener: Sendable {
         group: any EventLoopGroup, logger: Logger,
         configure: @escaping @Sendable (any Channel, PeerCredentials) -> EventLoopFuture<Void>
     ) {
-        acceptor.start(logger: logger) { [self] connection in
+        // A bound socket is closed at shutdown, so what waits in its backlog is accepted and
+        // drained first; an adopted one stays open and keeps its backlog for the next process.
+        acceptor.start(logger: logger, acceptingPendingOnStop: path != nil) { [self] connection in
             let credentials = Self.credentials(of: connection)
-            ClientBootstrap(group: group)
+            return ClientBootstrap(group: group)
                 .channelOption(.allowRemoteHalfClosure, value: true)
                 .channelOption(.maxMessagesPerRead, value: 16)
                 .channelOption(
@@ -111,13 +145,11 @@ final class IngestListener: Sendable {
                 )
                 .channelInitializer { channel in configure(channel, credentials) }
                 .withConnectedSocket(connection)
-                .whenComplete { (result: Result<any Channel, any Error>) in
-                    switch result {
-                    case .success(let channel):
-                        self.track(channel, descriptor: connection)
-                    case .failure(let error):
-                        logger.warning("could not serve an emitter connection", metadata: ["error": "\(error)"])
-                    }
+                .map { channel in
+                    self.track(channel, descriptor: connection)
+                }
+                .recover { error in
+                    logger.warning("could not serve an emitter connection", metadata: ["error": "\(error)"])
                 }
         }
     }
@@ -156,11 +188,18 @@ final class IngestListener: Sendable {
 
     /// Stops accepting. A bound socket is closed and unlinked; an adopted one stays open for the next process.
     func stopAccepting() {
-        acceptor.stop()
+        // The path goes first, so new emitters fail to connect (and keep their lines) rather than
+        // land in a backlog about to be closed.
         if let path {
-            unlink(path)
-            close(acceptor.descriptor)
+            var status = stat()
+            if let boundFile, stat(path, &status) == 0, UInt64(status.st_dev) == boundFile.device,
+                UInt64(status.st_ino) == boundFile.inode
+            {
+                unlink(path)
+            }
         }
+        acceptor.stop()
+        if path != nil { close(acceptor.descriptor) }
     }
 
     /// Closes the emitter connections still open after the drain.

@@ -21,8 +21,31 @@ enum ClientMessage: Equatable {
         var op: String?
         var topic: String?
         var epoch: String?
-        var since: UInt64?
+        var since: Since?
         var token: String?
+    }
+
+    /// `since` as given. Decoded apart because JSONDecoder reports a number that does not fit
+    /// (`-1`, `0.5`, `1e400`) as "not valid JSON" for the whole message.
+    private enum Since: Decodable {
+        case value(UInt64)
+        case invalid(String)
+
+        init(from decoder: any Decoder) throws {
+            let container = try decoder.singleValueContainer()
+            if let value = try? container.decode(UInt64.self) {
+                self = .value(value)
+            } else if let value = try? container.decode(Double.self), value.isFinite {
+                self = .invalid(
+                    value < 0
+                        ? "since must not be negative" : value.rounded() != value
+                        ? "since must be a whole number" : "since is too large (at most 18446744073709551615)")
+            } else if (try? container.decode(String.self)) != nil || (try? container.decode(Bool.self)) != nil {
+                self = .invalid("since must be a number")
+            } else {
+                self = .invalid("since must be a whole number from 0 to 18446744073709551615")
+            }
+        }
     }
 
     static func parse(_ bytes: [UInt8]) -> Result<ClientMessage, ParseError> {
@@ -45,7 +68,12 @@ enum ClientMessage: Equatable {
         switch op {
         case "subscribe":
             guard let topic = fields.topic else { return .failure(.badRequest("missing topic")) }
-            let resume = fields.since.map { ResumePoint(epoch: fields.epoch ?? "", since: $0) }
+            var resume: ResumePoint?
+            switch fields.since {
+            case .none: resume = nil
+            case .value(let since): resume = ResumePoint(epoch: fields.epoch ?? "", since: since)
+            case .invalid(let reason): return .failure(.badRequest(reason))
+            }
             return .success(.subscribe(topic: topic, resume: resume))
         case "unsubscribe":
             guard let topic = fields.topic else { return .failure(.badRequest("missing topic")) }
