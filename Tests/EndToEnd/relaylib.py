@@ -5,6 +5,14 @@ socket, HTTP, WebSocket (through the `websockets` client, or a hand-written raw 
 protocol-level tests) and the command line. Standard library plus `websockets` only.
 
 The fixtures that use these helpers live in conftest.py; tests import the helpers from here.
+
+Unprivileged by default: when the tests run as root (as CI does), every relay process, and every
+command run through `run_cli`, runs as RELAY_UID:RELAY_GID, an id no user or group on the machine
+has, without supplementary groups or capabilities (`unprivileged_prefix()`, through setpriv), in a
+directory that user owns (`give_to_relay_user`, `write_secret`). The test process keeps root: it
+can still read, connect to and signal whatever the relay makes. As any other user, the relay runs
+as that user and nothing changes. A test that needs the relay to run as root sets
+`relay.unprivileged = False` (or passes `as_root=True` to run_cli) and says why in a comment.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import base64
 import dataclasses
 import errno
 import functools
+import grp
 import hashlib
 import hmac
 import http.client
@@ -21,10 +30,12 @@ import inspect
 import json
 import logging
 import os
+import pwd
 import secrets
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import tempfile
@@ -53,6 +64,146 @@ def require_bin() -> str:
             f"relay binary not found at {path} (build it with `swift build`, "
             "or point PROGRESS_RELAY_BIN at it)"
         )
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# unprivileged by default
+
+def _unused_id(first: int = 61000, last: int = 61999) -> int:
+    """The first id in [first, last] that is neither a user's uid nor a group's gid here."""
+    for n in range(first, last + 1):
+        try:
+            pwd.getpwuid(n)
+            continue
+        except KeyError:
+            pass
+        try:
+            grp.getgrgid(n)
+            continue
+        except KeyError:
+            return n
+    raise RuntimeError(f"no id in {first}..{last} is free of users and groups: "
+                       "the relay's unprivileged user needs one")
+
+
+# The uid and gid of every relay process when the tests run as root: known to no passwd or group
+# entry (checked here, at import, by _unused_id), so the relay owns nothing but what a test gives
+# it and is in no group that could reach anything else.
+RELAY_UID = RELAY_GID = _unused_id()
+
+
+def drops_privileges() -> bool:
+    """True when the relay processes run as RELAY_UID:RELAY_GID (the tests run as root)."""
+    return os.geteuid() == 0
+
+
+def _unreachable_reason(path: str | os.PathLike, *, execute: bool = False) -> str | None:
+    """Why RELAY_UID cannot reach `path` (search every directory on the way; with execute=True,
+    execute the file itself), or None. RELAY_UID owns nothing outside a test's directories and is
+    in no group, so the "other" bits decide, except on what it owns."""
+    p = Path(os.path.abspath(path))
+    parts = [*reversed(p.parents)]
+    for d in parts:
+        st = os.stat(d)
+        if st.st_uid == RELAY_UID:
+            continue
+        if not st.st_mode & stat.S_IXOTH:
+            return f"{d} (mode {stat.filemode(st.st_mode)}, owner {st.st_uid}) is not searchable"
+    if execute:
+        st = os.stat(p)
+        if st.st_uid != RELAY_UID and not st.st_mode & stat.S_IXOTH:
+            return f"{p} (mode {stat.filemode(st.st_mode)}) is not executable by others"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _setpriv_prefix(binary: str) -> tuple[str, ...]:
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        raise RuntimeError("the tests run as root and run the relay unprivileged through "
+                           "setpriv, which is missing: apt-get install util-linux")
+    why = _unreachable_reason(binary, execute=True)
+    if why:
+        raise RuntimeError(f"the relay binary {binary} cannot be run by uid {RELAY_UID}, "
+                           f"as the tests run it when they run as root: {why}")
+    return (setpriv, f"--reuid={RELAY_UID}", f"--regid={RELAY_GID}", "--clear-groups",
+            "--inh-caps=-all", "--bounding-set=-all", "--no-new-privs", "--")
+
+
+def unprivileged_prefix() -> list[str]:
+    """What to put before a relay command so that it runs as RELAY_UID:RELAY_GID with no
+    supplementary group and no capability (none permitted, inheritable, ambient or in the bounding
+    set; no_new_privs). Empty when the tests do not run as root: then the relay runs as the user
+    who runs the tests. setpriv execs the command, so the process keeps its pid (LISTEN_PID,
+    signals and /proc/PID still name the relay)."""
+    if not drops_privileges():
+        return []
+    return list(_setpriv_prefix(relay_bin()))
+
+
+def assert_unprivileged(pid: int) -> None:
+    """When the tests run as root: process `pid` runs as RELAY_UID:RELAY_GID, in no other group,
+    with no capability at all and no_new_privs set (what unprivileged_prefix() asks for)."""
+    if not drops_privileges():
+        return
+    fields = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            k, _, v = line.partition(":")
+            fields[k] = v.split()
+    want = {
+        "Uid": [str(RELAY_UID)] * 4, "Gid": [str(RELAY_GID)] * 4, "Groups": [],
+        **{c: ["0000000000000000"] for c in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")},
+        "NoNewPrivs": ["1"],
+    }
+    got = {k: fields.get(k) for k in want}
+    assert got == want, f"process {pid} is not the unprivileged relay user: {got}"
+
+
+def _within_a_temporary_directory(p: Path) -> bool:
+    roots = {Path("/tmp").resolve(), Path(tempfile.gettempdir()).resolve()}
+    p = p.resolve()
+    return any(p != r and r in p.parents for r in roots)
+
+
+def give_to_relay_user(*paths: str | os.PathLike) -> None:
+    """Make each path (a directory with everything in it, or a file) owned by RELAY_UID:RELAY_GID,
+    as if the relay's user had made it: a test's temporary directory, the secret, key and state
+    files it writes there, a notify socket the relay must send to. Modes stay as they are
+    (mkdtemp's 0700 directories, 0600 secrets). Only below /tmp (or $TMPDIR): never a directory of
+    the repository or of the machine. Does nothing when the tests do not run as root."""
+    if not drops_privileges():
+        return
+    for path in paths:
+        p = Path(path)
+        if not _within_a_temporary_directory(p):
+            raise ValueError(f"give_to_relay_user: {p} is not inside a temporary directory")
+        why = _unreachable_reason(p)
+        if why:
+            raise RuntimeError(f"{p} is not reachable for the relay's user (uid {RELAY_UID}): "
+                               f"{why}; use short_tmpdir() for the relay's directories")
+        os.chown(p, RELAY_UID, RELAY_GID, follow_symlinks=False)
+        if p.is_dir() and not p.is_symlink():
+            for root, dirs, files in os.walk(p):
+                for name in dirs + files:
+                    os.chown(os.path.join(root, name), RELAY_UID, RELAY_GID,
+                             follow_symlinks=False)
+
+
+def write_secret(path: str | os.PathLike, data: bytes | str, mode: int = 0o600) -> str:
+    """Write a secret (or key) file as a careful operator does: mode 0600, owned by the relay's
+    user (when the tests run as root; else by the user who runs them). Returns the path."""
+    if isinstance(data, str):
+        data = data.encode()
+    path = str(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+    give_to_relay_user(path)
     return path
 
 
@@ -206,12 +357,14 @@ class Relay:
         self.name = name
         self.dir = Path(workdir) if workdir else short_tmpdir()
         self._own_dir = workdir is None
+        # The relay's own directory: its user owns it and writes there (socket, state file).
+        give_to_relay_user(self.dir)
         self.socket_path = str(self.dir / "p.sock")
         self.port = free_port()
         self.secret = secret if secret is not None else secrets.token_hex(32)
         self.secret_file = str(self.dir / "secret")
-        # one trailing newline: the contract says it is stripped
-        Path(self.secret_file).write_text(self.secret + "\n")
+        # one trailing newline: the contract says it is stripped; 0600, the relay user's
+        write_secret(self.secret_file, self.secret + "\n")
         self.extra_args = list(extra_args)
         self.env = dict(os.environ)
         for k in list(self.env):
@@ -222,8 +375,12 @@ class Relay:
         self.stdout_path = self.dir / f"{name}-stdout.log"
         self.proc: subprocess.Popen | None = None
         # for socket activation: a wrapper to put before args, and extra Popen arguments
+        # (the wrapper runs as the test's user and execs the privilege drop, then the relay)
         self.launch_prefix: list[str] = []
         self.popen_kwargs: dict = {}
+        # as RELAY_UID:RELAY_GID without capabilities when the tests run as root; a test that
+        # needs a relay running as root sets this to False and says why ("# needs root: ...")
+        self.unprivileged = True
         self.starts = 0
         self.last_exit: int | None = None
         _STARTED.append(self)
@@ -244,6 +401,12 @@ class Relay:
         ]
 
     @property
+    def command(self) -> list[str]:
+        """The whole command line start() runs: launch_prefix, the privilege drop, args."""
+        drop = unprivileged_prefix() if self.unprivileged else []
+        return self.launch_prefix + drop + self.args
+
+    @property
     def url(self) -> str:
         return f"ws://127.0.0.1:{self.port}/ws"
 
@@ -254,11 +417,12 @@ class Relay:
     def start(self, timeout: float = 15.0) -> "Relay":
         self.starts += 1
         with open(self.log_path, "ab") as f:
-            f.write(f"===== start #{self.starts}: {' '.join(self.args)}\n".encode())
+            f.write(f"===== start #{self.starts}: {' '.join(self.command)}\n".encode())
         self._stderr = open(self.log_path, "ab")
         self._stdout = open(self.stdout_path, "ab")
+        command = self.command
         self.proc = _retry_busy(lambda: subprocess.Popen(
-            self.launch_prefix + self.args, stdin=subprocess.DEVNULL, stdout=self._stdout,
+            command, stdin=subprocess.DEVNULL, stdout=self._stdout,
             stderr=self._stderr, env=self.env, cwd=self.dir, **self.popen_kwargs))
         self.wait_ready(timeout)
         return self
@@ -274,6 +438,8 @@ class Relay:
                 try:
                     status, _ = self.http("/healthz", timeout=1)
                     if status == 200:
+                        if self.unprivileged:
+                            assert_unprivileged(self.proc.pid)
                         return
                 except OSError:
                     pass
@@ -323,6 +489,37 @@ class Relay:
         self.stop()
         self.start(timeout)
         return self
+
+    def run_to_exit(self, timeout: float = 10.0) -> subprocess.CompletedProcess:
+        """Run the relay's command when it is expected to refuse to start: wait for its exit and
+        return status, stdout and stderr (stderr is also added to the relay's log, for failure
+        reports). Fails, after stopping it, when it still runs after `timeout` s: it started."""
+        self.starts += 1
+        command = self.command
+        with open(self.log_path, "ab") as f:
+            f.write(f"===== start #{self.starts} (expected to refuse): {' '.join(command)}\n"
+                    .encode())
+        proc = _retry_busy(lambda: subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=self.env, cwd=self.dir, **self.popen_kwargs))
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                out, err = proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                out, err = proc.communicate(timeout=5)
+            with open(self.log_path, "ab") as f:
+                f.write(err)
+            raise AssertionError(f"the relay did not refuse to start: still running after "
+                                 f"{timeout}s (then stopped: status {proc.returncode})\n"
+                                 f"stderr: {err.decode('utf-8', 'replace')[-3000:]}")
+        with open(self.log_path, "ab") as f:
+            f.write(err)
+        self.last_exit = proc.returncode
+        return subprocess.CompletedProcess(command, proc.returncode, out, err)
 
     def _close_files(self):
         for f in ("_stderr", "_stdout"):
@@ -896,15 +1093,20 @@ def _xor_mask(data: bytes, key: bytes) -> bytes:
 # the command line
 
 def run_cli(args: list[str], *, env: dict | None = None, input: bytes | str | None = None,
-            timeout: float = 15, cwd: str | None = None) -> subprocess.CompletedProcess:
+            timeout: float = 15, cwd: str | None = None,
+            as_root: bool = False) -> subprocess.CompletedProcess:
+    """`progress-relay ARGS`, unprivileged as the relay is (see unprivileged_prefix): files it
+    reads must be the relay user's (write_secret, give_to_relay_user). as_root=True keeps the
+    test's user; a test that needs it says why."""
     e = {k: v for k, v in os.environ.items()
          if not (k.startswith("PROGRESS_RELAY_") and k != "PROGRESS_RELAY_BIN")}
     e.update(env or {})
     if isinstance(input, str):
         input = input.encode()
     try:
+        command = [*([] if as_root else unprivileged_prefix()), require_bin(), *args]
         return _retry_busy(lambda: subprocess.run(
-            [require_bin(), *args], env=e, input=input,
+            command, env=e, input=input,
             stdin=None if input is not None else subprocess.DEVNULL,
             capture_output=True, timeout=timeout, cwd=cwd))
     except subprocess.TimeoutExpired as ex:

@@ -18,6 +18,7 @@ import pytest
 from relaylib import (
     _retry_busy, async_test, decode_jwt, event_text, expect_nothing, free_port, recv_events, recv_json,
     recv_text, require_bin, run_cli, send_json, short_tmpdir, subscribe, verify_hs, ws_connect,
+    assert_unprivileged, give_to_relay_user, unprivileged_prefix, write_secret,
 )
 
 JWT_RE = re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+")
@@ -31,6 +32,7 @@ def nonempty_lines(b: bytes) -> list[str]:
 def tmp():
     import shutil
     d = short_tmpdir("prcli-")
+    give_to_relay_user(d)   # the relay (and run_cli) run as the relay's user when we are root
     yield d
     shutil.rmtree(d, ignore_errors=True)
 
@@ -41,9 +43,7 @@ def serve_args(tmp, port=None, *extra):
 
 
 def secret_file(tmp, secret="s3cret-for-cli") -> str:
-    p = tmp / "secret"
-    p.write_text(secret + "\n")
-    return str(p)
+    return write_secret(tmp / "secret", secret + "\n")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +138,8 @@ class LineReader:
 async def test_dev_prints_token_and_url_and_serves(tmp):
     port = free_port()
     proc = _retry_busy(lambda: subprocess.Popen(
-        [require_bin(), *serve_args(tmp, port, "--dev")], stdout=subprocess.PIPE,
+        [*unprivileged_prefix(), require_bin(), *serve_args(tmp, port, "--dev")],
+        stdout=subprocess.PIPE,
         stderr=open(tmp / "dev-stderr.log", "wb"), stdin=subprocess.DEVNULL))
     try:
         out = LineReader(proc.stdout)
@@ -148,6 +149,7 @@ async def test_dev_prints_token_and_url_and_serves(tmp):
                                                            t)) else None,
             10)
         token = JWT_RE.search(text).group(0)
+        assert_unprivileged(proc.pid)
         header, claims, _ = decode_jwt(token)
         assert header.get("alg", "").startswith("HS")
         # the secret is printed too: some word of the output verifies the token
@@ -244,6 +246,8 @@ async def test_stale_socket_file_is_replaced(relay_factory):
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.bind(r.socket_path)
     s.close()   # the file stays, nobody listens
+    # left behind by an earlier run of the relay's own user (another user's would be refused)
+    give_to_relay_user(r.socket_path)
     assert os.path.exists(r.socket_path)
     r.start()
     ws = await ws_connect(r, topics=["st"])
@@ -258,7 +262,7 @@ async def test_second_relay_on_a_live_socket_refuses(relay_factory):
     r2 = relay_factory(start=False)
     r2.socket_path = r1.socket_path
     cp = await asyncio.to_thread(_retry_busy, lambda: subprocess.run(
-        r2.args, capture_output=True, timeout=15, env=r2.env))
+        r2.command, capture_output=True, timeout=15, env=r2.env))
     assert cp.returncode != 0
     err = cp.stderr.decode()
     assert r1.socket_path in err or re.search(r"in use|already|another|running|live", err, re.I), \
@@ -278,7 +282,7 @@ def test_socket_path_too_long_is_refused_clearly(relay_factory):
         path = "/tmp/" + "p" * (length - len("/tmp/"))
         assert len(path) == length
         r.socket_path = path
-        proc = subprocess.Popen(r.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=r.env)
+        proc = subprocess.Popen(r.command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=r.env)
         try:
             if fits:
                 deadline = time.monotonic() + 15
@@ -287,7 +291,7 @@ def test_socket_path_too_long_is_refused_clearly(relay_factory):
                     assert time.monotonic() < deadline, "the relay did not bind a 107-byte path"
                     time.sleep(0.05)
             else:
-                assert proc.wait(15) == 1
+                assert proc.wait(15) == 2   # a bad address: status 2, as for every bad flag
                 err = proc.stderr.read().decode()
                 assert f"--socket {path}: path is too long" in err, err
                 assert not os.path.exists(path)

@@ -6,12 +6,16 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import socket
 import subprocess
 import time
 import urllib.request
 
-from relaylib import free_port, require_bin, relay_bin, short_tmpdir
+from relaylib import (
+    assert_unprivileged, free_port, give_to_relay_user, require_bin, relay_bin, short_tmpdir,
+    unprivileged_prefix, write_secret,
+)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -26,7 +30,8 @@ def open_descriptors(pid: int) -> int:
 def test_descriptor_exhaustion_neither_spins_nor_crashes():
     require_bin()
     tmp = short_tmpdir("fd-")
-    (tmp / "secret").write_bytes(b"descriptor-limit-secret-0123456789")
+    give_to_relay_user(tmp)
+    write_secret(tmp / "secret", b"descriptor-limit-secret-0123456789")
     port = free_port()
     sock_path = str(tmp / "p.sock")
     limit = 96
@@ -35,7 +40,8 @@ def test_descriptor_exhaustion_neither_spins_nor_crashes():
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
 
     log = open(tmp / "relay-stderr.log", "wb")
-    relay = subprocess.Popen([relay_bin(), "serve", "--socket", sock_path, "--listen", f"127.0.0.1:{port}",
+    relay = subprocess.Popen([*unprivileged_prefix(), relay_bin(), "serve", "--socket", sock_path,
+                              "--listen", f"127.0.0.1:{port}",
                               "--jwt-secret-file", str(tmp / "secret")],
                              preexec_fn=low_limit, stdout=subprocess.DEVNULL, stderr=log)
     held: list[socket.socket] = []
@@ -44,6 +50,7 @@ def test_descriptor_exhaustion_neither_spins_nor_crashes():
         while not os.path.exists(sock_path):
             assert relay.poll() is None and time.monotonic() < deadline
             time.sleep(0.02)
+        assert_unprivileged(relay.pid)
 
         # Far more connections than descriptors: TCP and Unix-socket clients both.
         for _ in range(150):
@@ -104,3 +111,4 @@ def test_descriptor_exhaustion_neither_spins_nor_crashes():
         relay.terminate()
         assert relay.wait(10) == 0
         log.close()
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from relaylib import (
-    async_test, expect_close, have_openssl, mint_jwt, openssl_keypair, recv_json, run_cli,
-    short_tmpdir, sign_jwt_openssl, ws_connect,
+    async_test, expect_close, give_to_relay_user, have_openssl, mint_jwt, openssl_keypair,
+    recv_json, run_cli, short_tmpdir, sign_jwt_openssl, ws_connect,
 )
 
 pytestmark = pytest.mark.skipif(not have_openssl(), reason="needs the openssl command")
@@ -21,6 +21,7 @@ KINDS = {"rsa": "RS256", "ec": "ES256", "ed25519": "EdDSA"}
 def keys():
     d = short_tmpdir("prkeys-")
     out = {kind: (openssl_keypair(kind, d), openssl_keypair(kind, d)) for kind in KINDS}
+    give_to_relay_user(d)   # the relay reads the public keys as its own user
     yield out
     import shutil
     shutil.rmtree(d, ignore_errors=True)
@@ -79,6 +80,7 @@ def test_bad_public_key_file_is_status_2_naming_the_flag(kind):
     path = d / "key.pem"
     if kind == "garbage":
         path.write_text("-----BEGIN PUBLIC KEY-----\nnot a key\n-----END PUBLIC KEY-----\n")
+    give_to_relay_user(d)   # missing or garbage, not unreadable
     cp = run_cli(["serve", "--socket", str(d / "p.sock"), "--listen", "127.0.0.1:0",
                   "--jwt-public-key-file", str(path)], timeout=10)
     assert cp.returncode == 2, (cp.returncode, cp.stderr)

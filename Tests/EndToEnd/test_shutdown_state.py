@@ -14,7 +14,7 @@ import pytest
 
 from relaylib import (
     async_test, event_text, expect_close, expect_nothing, recv_event_texts, recv_events,
-    recv_json, settle, subscribe, topic_count, ws_connect,
+    give_to_relay_user, recv_json, settle, subscribe, topic_count, ws_connect,
 )
 
 
@@ -194,6 +194,7 @@ async def test_unreadable_state_file_starts_with_a_new_epoch(relay_factory):
     relay = relay_factory(start=False)
     state = relay.dir / "state.json"
     state.write_bytes(b"\x00garbage{{{")
+    give_to_relay_user(state)   # as if the relay's user had written it
     relay.extra_args += ["--state-file", str(state)]
     relay.start()
     ws = await ws_connect(relay, topics=["g"])

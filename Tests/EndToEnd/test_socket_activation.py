@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,7 +23,10 @@ from pathlib import Path
 import pytest
 import websockets
 
-from relaylib import async_test, free_port, mint_jwt, relay_bin, require_bin, short_tmpdir
+from relaylib import (
+    assert_unprivileged, async_test, free_port, give_to_relay_user, mint_jwt, relay_bin,
+    require_bin, short_tmpdir, unprivileged_prefix, write_secret,
+)
 
 SECRET = b"socket-activation-secret-0123456789abcdef"
 
@@ -33,16 +37,18 @@ class Launcher:
     def __init__(self, tmp: Path, extra: list[str] = ()):
         require_bin()
         self.tmp = tmp
+        give_to_relay_user(tmp)   # the relay's user writes the state file here
         self.sock_path = str(tmp / "p.sock")
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.listener.bind(self.sock_path)
         self.listener.listen(128)
         self.port = free_port()
-        (tmp / "secret").write_bytes(SECRET)
+        write_secret(tmp / "secret", SECRET)
         self.state = str(tmp / "state")
         self.notify_path = str(tmp / "notify")
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(self.notify_path)
+        give_to_relay_user(self.notify_path)   # the relay, unprivileged, sends to it
         self.notify.settimeout(0.1)
         self.extra = list(extra)
         self.proc: subprocess.Popen | None = None
@@ -53,17 +59,21 @@ class Launcher:
         fd = self.listener.fileno()
         # History deep enough for the whole run: these tests are about the relay losing nothing,
         # not about how far back a resume may reach.
-        args = [relay_bin(), "serve", "--listen", f"127.0.0.1:{self.port}", "--history", "20000",
-                "--jwt-secret-file", str(self.tmp / "secret"), "--log-level", "info", *self.extra]
+        args = [*unprivileged_prefix(), relay_bin(), "serve", "--listen", f"127.0.0.1:{self.port}",
+                "--history", "20000", "--jwt-secret-file", str(self.tmp / "secret"),
+                "--log-level", "info", *self.extra]
         if state:
             args += ["--state-file", self.state]
-        # The shell puts the socket at descriptor 3 and execs the relay under its own pid,
-        # so LISTEN_PID names the relay, as systemd's does.
+        # The shell puts the socket at descriptor 3 and execs the relay under its own pid
+        # (through setpriv when we are root: it execs too), so LISTEN_PID names the relay,
+        # as systemd's does. The socket stays the test's (root's, as systemd's would be).
         script = f'exec 3<&{fd} {fd}<&-; LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=ingest exec "$0" "$@"'
         env = dict(os.environ, NOTIFY_SOCKET=self.notify_path)
+        self.messages.clear()   # wait for this process's READY=1, not an earlier one's
         self.proc = subprocess.Popen(["bash", "-c", script, *args], pass_fds=(fd,), env=env,
                                      stdout=subprocess.DEVNULL, stderr=self.log)
         self.wait_for("READY=1", 15)
+        assert_unprivileged(self.proc.pid)
 
     def wait_for(self, word: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -191,6 +201,7 @@ def launcher():
     yield make
     for l in made:
         l.close()
+        shutil.rmtree(l.tmp, ignore_errors=True)
 
 
 @async_test(timeout=120)

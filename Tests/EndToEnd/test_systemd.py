@@ -15,7 +15,8 @@ import threading
 import time
 
 from relaylib import (
-    async_test, event_text, recv_event_texts, recv_events, recv_json, subscribe, ws_connect,
+    async_test, event_text, give_to_relay_user, recv_event_texts, recv_events, recv_json,
+    subscribe, ws_connect,
 )
 
 WRAPPER = r"""
@@ -173,6 +174,7 @@ class Notify:
     def __init__(self, path: str):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(path)
+        give_to_relay_user(path)   # the relay (its own user) must be able to send to it
         self.sock.settimeout(0.1)
         self.messages: list[str] = []
         self._stop = threading.Event()

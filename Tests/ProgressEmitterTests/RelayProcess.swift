@@ -22,7 +22,17 @@ final class RelayProcess {
         socketPath = directory.appendingPathComponent("p.sock").path
         statePath = directory.appendingPathComponent("state").path
         try Data("emitter-tests-secret-0123456789abcdef".utf8).write(to: directory.appendingPathComponent("secret"))
+        if let user = Self.unprivilegedUser {
+            for path in [directory.path, directory.appendingPathComponent("secret").path] {
+                try FileManager.default.setAttributes(
+                    [.ownerAccountID: user, .groupOwnerAccountID: user], ofItemAtPath: path)
+            }
+        }
     }
+
+    /// Run as root (as CI does), the relay runs as this unused uid and gid without capabilities,
+    /// the way users run it; the end-to-end suite does the same (relaylib.RELAY_UID).
+    static var unprivilegedUser: Int? { getuid() == 0 ? 61000 : nil }
 
     deinit {
         if let process, process.isRunning { process.terminate() }
@@ -33,8 +43,15 @@ final class RelayProcess {
     func start() throws {
         try #require(FileManager.default.isExecutableFile(atPath: Self.binary), "no relay binary at \(Self.binary)")
         let process = Process()
-        process.executableURL = URL(fileURLWithPath: Self.binary)
-        process.arguments = [
+        var prefix: [String] = []
+        if let user = Self.unprivilegedUser {
+            prefix = [
+                "--reuid=\(user)", "--regid=\(user)", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all",
+                "--no-new-privs", "--", Self.binary,
+            ]
+        }
+        process.executableURL = URL(fileURLWithPath: prefix.isEmpty ? Self.binary : "/usr/bin/setpriv")
+        process.arguments = prefix + [
             "serve", "--socket", socketPath, "--listen", "127.0.0.1:0", "--history", "100000",
             "--jwt-secret-file", directory.appendingPathComponent("secret").path, "--state-file", statePath,
             "--log-level", "warning",

@@ -2,7 +2,8 @@
 
 Headless Chromium (Debian's `chromium`, driven by `chromium-driver` through selenium) against
 real `progress-relay` processes. The relay helpers (start, restart, tokens, ingest) are the
-end-to-end suite's, Tests/EndToEnd/relaylib.py.
+end-to-end suite's, Tests/EndToEnd/relaylib.py: as there, when the tests run as root each relay
+runs unprivileged (relaylib.RELAY_UID:RELAY_GID, no capabilities; the browser keeps root).
 
 - `browser`: one Chromium for the whole run; each test loads its own page.
 - `page_server`: a loopback HTTP server for the module's test page: it serves clients/js

@@ -5,7 +5,9 @@ of its topics, resumes after the relay restarts, and can replay a topic from its
 The relay process and the small utilities (free_port, short_tmpdir, wait_until, the binary's
 path) are the end-to-end suite's, Tests/EndToEnd/relaylib.py; what is here is only what these
 tests need besides. The relay binary is $PROGRESS_RELAY_BIN, else the repository's
-.build/debug/progress-relay.
+.build/debug/progress-relay. As in the end-to-end suite, when the tests run as root the relay runs
+unprivileged (relaylib.RELAY_UID:RELAY_GID, no capabilities) in a directory its user owns; the
+emitters and subscribers of these tests keep the test's user (root may connect to its socket).
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ class Relay(relaylib.Relay):
     """relaylib's `progress-relay serve` process (its `socket_path` and `port` stay the same
     across restarts, so emitters and subscribers find it again; the secret is in `secret_file`;
     its stderr in `log_path`), made as these tests make it: `Relay(*extra_args)`, optionally
-    with the directory (removed at cleanup, like one of its own) and the ingest socket's path."""
+    with the directory (a short_tmpdir(): given to the relay's user, and removed at cleanup, like
+    one of its own) and the ingest socket's path (in a directory the relay's user can write)."""
 
     def __init__(self, *extra_args: str, directory: Optional[Path] = None,
                  socket_path: Optional[str] = None):
