@@ -140,7 +140,9 @@ async def test_dev_prints_token_and_url_and_serves(tmp):
     proc = _retry_busy(lambda: subprocess.Popen(
         [*unprivileged_prefix(), require_bin(), *serve_args(tmp, port, "--dev")],
         stdout=subprocess.PIPE,
-        stderr=open(tmp / "dev-stderr.log", "wb"), stdin=subprocess.DEVNULL))
+        stderr=open(tmp / "dev-stderr.log", "wb"), stdin=subprocess.DEVNULL,
+        # its secret file goes into the test's directory, not the machine's /tmp
+        env={**os.environ, "TMPDIR": str(tmp), "XDG_RUNTIME_DIR": ""}))
     try:
         out = LineReader(proc.stdout)
         text = await asyncio.to_thread(

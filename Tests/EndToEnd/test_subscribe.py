@@ -426,6 +426,32 @@ async def test_bad_request_is_an_error_and_the_connection_stays(relay, frame):
     await ping_pong(ws)
 
 
+# `since` that is no whole number from 0 up: the message says what is wrong with it (issue 12)
+BAD_SINCE = {
+    "negative": ("-1", "since must not be negative"),
+    "fraction": ("0.5", "since must be a whole number"),
+    "too-large": ("1e400", "since"),
+    "numeric-string": ('"3"', "since must be a number"),
+}
+
+
+@pytest.mark.parametrize("since", list(BAD_SINCE), ids=list(BAD_SINCE))
+@async_test
+async def test_bad_since_is_a_bad_request_that_names_since(relay, since):
+    value, words = BAD_SINCE[since]
+    ws = await ws_connect(relay)
+    s = await subscribe(ws, "t")
+    await ws.send('{"op":"subscribe","topic":"u","epoch":"%s","since":%s}' % (s["epoch"], value))
+    f = await recv_json(ws)
+    assert f["op"] == "error" and f["code"] == "bad_request", f
+    assert words in f.get("message", ""), f
+    # the connection stays usable, the bad frame subscribed nothing
+    await ping_pong(ws)
+    await subscribe(ws, "v")
+    assert await relay.aemit([ev("u", 1), ev("t", 2)]) == []
+    assert await recv_events(ws, 1) == [{"seq": 1, "topic": "t", "i": 2}]
+
+
 @async_test
 async def test_extra_fields_in_client_frames_are_ignored(relay):
     ws = await ws_connect(relay)
