@@ -361,9 +361,10 @@ def test_readme_walkthrough_word_for_word_as_an_unprivileged_user():
         checkout, home, out = work / "checkout", work / "home", work / "out"
         for d in (checkout / ".build" / "release", home, out):
             d.mkdir(parents=True)
-        # step 1's `swift build -c release`, done: the binary under test (a link, so that it is
-        # exactly that file)
-        os.symlink(binary, checkout / RELEASE_BIN)
+        # step 1's `swift build -c release`, done: a copy of the binary under test (a link would
+        # point into the checkout, which may be under the /tmp the walk-through cannot see)
+        shutil.copy2(binary, checkout / RELEASE_BIN)
+        os.chmod(checkout / RELEASE_BIN, 0o755)
         script = work / "walkthrough.sh"
         script.write_text(build_script(w, out, checkout))
         script.chmod(0o644)
@@ -372,9 +373,13 @@ def test_readme_walkthrough_word_for_word_as_an_unprivileged_user():
             "PATH": f"{VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "HOME": str(home), "LANG": "C.UTF-8", "SHELL": "/bin/bash",
         }
-        if os.geteuid() == 0 and relaylib._unreachable_reason(VENV_BIN / "python3", execute=True):
-            # A checkout the unprivileged user cannot enter (under /root, say): the system's
-            # python3 with a copy of the websockets package stands in for .venv.
+        venv_python = os.path.realpath(VENV_BIN / "python3")
+        if (relaylib._within_a_temporary_directory(Path(venv_python))
+                or relaylib._within_a_temporary_directory(VENV_BIN)
+                or (os.geteuid() == 0 and relaylib._unreachable_reason(venv_python, execute=True))):
+            # A .venv the walk-through cannot run: under the /tmp it does not see (a checkout in
+            # /tmp), or closed to its user (under /root, or made from pyenv's interpreter there).
+            # The system's python3 with a copy of the websockets package stands in for it.
             import websockets as _ws
             site = work / "site"
             shutil.copytree(Path(_ws.__file__).parent, site / "websockets")
