@@ -53,6 +53,8 @@ let package = Package(
             // (symbolic links to clients/js, where they are developed and tested).
             resources: [.embedInCode("Resources/live.html"), .embedInCode("Resources/progress-relay.js")]
         ),
+        // RESP2 for the Redis connections of cluster mode: command encoder, incremental reply decoder.
+        .target(name: "RESP", dependencies: [.product(name: "NIOCore", package: "swift-nio")]),
         // The emitter that workers link: Foundation and the C library only.
         .target(name: "ProgressEmitter"),
         // The CLI: parses flags and wires the pieces together.
@@ -75,6 +77,7 @@ let package = Package(
         .testTarget(name: "RelayHubTests", dependencies: ["RelayHub"]),
         .testTarget(name: "RelayAuthTests", dependencies: ["RelayAuth"]),
         .testTarget(name: "ProgressEmitterTests", dependencies: ["ProgressEmitter"]),
+        .testTarget(name: "RESPTests", dependencies: ["RESP"]),
     ],
     swiftLanguageModes: [.v6]
 )
