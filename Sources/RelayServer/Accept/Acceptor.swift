@@ -24,7 +24,8 @@ final class Acceptor: Sendable {
     private let name: String
     private let wake: (read: CInt, write: CInt)
     private let stopped = NIOLockedValueBox(false)
-    private let finished = NIOLockedValueBox(false)
+    /// True until `start`, and again once the thread is done: what `stop` waits for.
+    private let finished = NIOLockedValueBox(true)
 
     /// - Parameter descriptor: a listening stream socket; made non-blocking here.
     init(descriptor: CInt, name: String) throws {
@@ -46,6 +47,7 @@ final class Acceptor: Sendable {
         logger: Logger, acceptingPendingOnStop: Bool = false,
         handOff: @escaping @Sendable (CInt) -> EventLoopFuture<Void>
     ) {
+        finished.withLockedValue { $0 = false }
         let thread = Thread { [self] in
             self.run(logger: logger, handOff: handOff)
             if acceptingPendingOnStop { self.acceptPending(handOff: handOff) }
