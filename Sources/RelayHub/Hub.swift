@@ -7,6 +7,9 @@
 //
 // Every event's WebSocket frame is built once, here, and that same buffer is
 // what history holds and what every subscriber is sent.
+//
+// In cluster mode Redis numbers events instead of the hub (HubSequenced.swift);
+// a hub is in one mode for its whole life.
 
 import NIOCore
 
@@ -22,19 +25,23 @@ public struct HubConfiguration: Sendable {
     public var loopCount: Int
     /// Newest events a pattern subscription starts with.
     public var patternSnapshotLimit: Int
+    /// Who numbers events; fixed for the hub's life (see `HubSequencing`).
+    public var sequencing: HubSequencing
 
     public init(
         historyLimit: Int = 100,
         maxTopics: Int = 100_000,
         topicTTL: UInt64 = 3600 * 1_000_000_000,
         loopCount: Int = 1,
-        patternSnapshotLimit: Int = 1000
+        patternSnapshotLimit: Int = 1000,
+        sequencing: HubSequencing = .local
     ) {
         self.historyLimit = historyLimit
         self.maxTopics = maxTopics
         self.topicTTL = topicTTL
         self.loopCount = loopCount
         self.patternSnapshotLimit = patternSnapshotLimit
+        self.sequencing = sequencing
     }
 }
 
@@ -89,18 +96,19 @@ public struct HubCounts: Sendable, Equatable {
 
 public final class Hub {
     public let configuration: HubConfiguration
-    private let allocator = ByteBufferAllocator()
+    // Internal rather than private where HubSequenced.swift (cluster mode) needs them.
+    let allocator = ByteBufferAllocator()
     private let epochPrefix: String
     private var epochSerial: UInt64 = 0
 
-    private var topics: [String: Topic] = [:]
-    private var idle = IdleList()
+    var topics: [String: Topic] = [:]
+    var idle = IdleList()
     /// Pattern subscriptions by prefix, and a version that invalidates every topic's targets.
     private var patterns: [String: [SubscriberID]] = [:]
     private var patternVersion: UInt64 = 1
     private var exactSubscriptions = 0
     /// Events published since start, to order topics by their newest event.
-    private var eventCount: UInt64 = 0
+    var eventCount: UInt64 = 0
 
     /// - Parameter epochPrefix: differs on every start without state, so epochs never repeat.
     public init(configuration: HubConfiguration, epochPrefix: String) {
@@ -119,7 +127,11 @@ public final class Hub {
     // MARK: Publishing
 
     /// Numbers and frames a batch of events, and says who receives them.
+    ///
+    /// Single-relay mode only: in cluster mode Redis numbers events (`publishSequenced`).
     public func publish(_ events: [IncomingEvent], now: UInt64) -> FanOut {
+        precondition(
+            configuration.sequencing == .local, "publish numbers events itself; this hub takes Redis's numbering")
         let loops = configuration.loopCount
         var plan = [LoopPlan](repeating: LoopPlan(), count: loops)
         var deliveries = 0
@@ -154,7 +166,7 @@ public final class Hub {
         return FanOut(loops: plan, deliveryCount: deliveries)
     }
 
-    private func targets(of topic: Topic) -> [[SubscriberID]] {
+    func targets(of topic: Topic) -> [[SubscriberID]] {
         if let cached = topic.targets, topic.targetsVersion == patternVersion { return cached }
         var merged = topic.subscribers
         for (prefix, subscribers) in patterns where topic.name.hasPrefix(prefix) {
@@ -244,7 +256,7 @@ public final class Hub {
         return forgotten
     }
 
-    private func enforceTopicLimit() {
+    func enforceTopicLimit() {
         while topics.count > configuration.maxTopics, let oldest = idle.head {
             forget(oldest)
         }
@@ -256,6 +268,10 @@ public final class Hub {
     }
 
     private func makeTopic(_ name: String, now: UInt64) -> Topic {
+        // In cluster mode an epoch made here would be a second numbering of a topic Redis numbers.
+        precondition(
+            configuration.sequencing == .local,
+            "cluster mode: the topic must be joined (resetTopic) before it is subscribed (subscribeIfHeld)")
         epochSerial += 1
         let topic = Topic(
             name: name, epoch: epochPrefix + "-" + String(epochSerial, radix: 36),
@@ -279,6 +295,7 @@ public final class Hub {
     /// Takes back topics from a state file: each keeps its epoch, seq and history.
     /// Call before any event or subscription.
     public func restore(_ states: [TopicState], now: UInt64) {
+        precondition(states.isEmpty || configuration.sequencing == .local, "cluster mode keeps no state file")
         for state in states where TopicName.isValidTopic(state.name) && state.seq > 0 && topics[state.name] == nil {
             let topic = Topic(
                 name: state.name, epoch: state.epoch, historyCapacity: configuration.historyLimit,

@@ -19,7 +19,8 @@ public struct SubscriberID: Hashable, Sendable, CustomStringConvertible {
 
 final class Topic {
     let name: String
-    let epoch: String
+    /// Changes only in cluster mode, when Redis resets the topic.
+    var epoch: String
     var seq: UInt64 = 0
     var history: HistoryRing
     var newest: ByteBuffer?
@@ -55,6 +56,14 @@ final class Topic {
         newest = frame
         lastEventOrder = order
         lastActivity = now
+    }
+
+    /// Takes another numbering wholesale: a topic Redis reset, or the history read when joining it.
+    func replace(epoch: String, seq: UInt64, history: HistoryRing, newest: ByteBuffer?) {
+        self.epoch = epoch
+        self.seq = seq
+        self.history = history
+        self.newest = newest
     }
 
     /// Adds `id`; false when it was already there.

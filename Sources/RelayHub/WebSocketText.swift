@@ -38,6 +38,40 @@ public enum WebSocketText {
         return buffer
     }
 
+    /// `{"op":"subscribed",...}` as a whole text frame: the answer to a subscription.
+    ///
+    /// Here rather than only in the server's control frames because in cluster mode the hub itself
+    /// sends a repeated `subscribed` when Redis resets a topic, built once for all its subscribers.
+    /// The bytes match the server's `ControlFrame.subscribed` for the same values.
+    public static func subscribedFrame(
+        topic: String, epoch: String?, seq: UInt64, recovered: Bool,
+        allocator: ByteBufferAllocator = ByteBufferAllocator()
+    ) -> ByteBuffer {
+        var json = "{\"op\":\"subscribed\",\"topic\":" + jsonString(topic)
+        if let epoch { json += ",\"epoch\":" + jsonString(epoch) }
+        json += ",\"seq\":\(seq),\"recovered\":\(recovered)}"
+        return frame(json, allocator: allocator)
+    }
+
+    /// `text` as a JSON string literal (the same escaping as the server's control frames).
+    public static func jsonString(_ text: String) -> String {
+        var out = "\""
+        for scalar in text.unicodeScalars {
+            switch scalar {
+            case "\"": out += "\\\""
+            case "\\": out += "\\\\"
+            case "\n": out += "\\n"
+            case "\r": out += "\\r"
+            case "\t": out += "\\t"
+            case _ where scalar.value < 0x20:
+                let hex = String(scalar.value, radix: 16)
+                out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
+            default: out.unicodeScalars.append(scalar)
+            }
+        }
+        return out + "\""
+    }
+
     /// The payload of a frame made by this type (the frame without its header).
     public static func payload(of frame: ByteBuffer) -> ByteBuffer {
         guard let second = frame.getInteger(at: frame.readerIndex + 1, as: UInt8.self) else { return frame }
