@@ -27,11 +27,10 @@ enum CloseCode: UInt16 {
 }
 
 enum ControlFrame {
+    /// Built by the hub's own function: in cluster mode the hub sends the same frame on a reset.
     static func subscribed(topic: String, subscription: Subscription) -> ByteBuffer {
-        var json = "{\"op\":\"subscribed\",\"topic\":" + jsonString(topic)
-        if let epoch = subscription.epoch { json += ",\"epoch\":" + jsonString(epoch) }
-        json += ",\"seq\":\(subscription.seq),\"recovered\":\(subscription.recovered)}"
-        return WebSocketText.frame(json)
+        WebSocketText.subscribedFrame(
+            topic: topic, epoch: subscription.epoch, seq: subscription.seq, recovered: subscription.recovered)
     }
 
     static func unsubscribed(topic: String, reason: String? = nil) -> ByteBuffer {
@@ -75,21 +74,5 @@ enum ControlFrame {
     }
 
     /// `text` as a JSON string literal.
-    static func jsonString(_ text: String) -> String {
-        var out = "\""
-        for scalar in text.unicodeScalars {
-            switch scalar {
-            case "\"": out += "\\\""
-            case "\\": out += "\\\\"
-            case "\n": out += "\\n"
-            case "\r": out += "\\r"
-            case "\t": out += "\\t"
-            case _ where scalar.value < 0x20:
-                let hex = String(scalar.value, radix: 16)
-                out += "\\u" + String(repeating: "0", count: 4 - hex.count) + hex
-            default: out.unicodeScalars.append(scalar)
-            }
-        }
-        return out + "\""
-    }
+    static func jsonString(_ text: String) -> String { WebSocketText.jsonString(text) }
 }
