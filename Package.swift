@@ -55,6 +55,16 @@ let package = Package(
         ),
         // RESP2 for the Redis connections of cluster mode: command encoder, incremental reply decoder.
         .target(name: "RESP", dependencies: [.product(name: "NIOCore", package: "swift-nio")]),
+        // Cluster mode over Redis: the command connection and the sequencing script.
+        .target(
+            name: "RelayCluster",
+            dependencies: [
+                "RESP",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
         // The emitter that workers link: Foundation and the C library only.
         .target(name: "ProgressEmitter"),
         // The CLI: parses flags and wires the pieces together.
@@ -78,6 +88,16 @@ let package = Package(
         .testTarget(name: "RelayAuthTests", dependencies: ["RelayAuth"]),
         .testTarget(name: "ProgressEmitterTests", dependencies: ["ProgressEmitter"]),
         .testTarget(name: "RESPTests", dependencies: ["RESP"]),
+        .testTarget(
+            name: "RelayClusterTests",
+            dependencies: [
+                "RelayCluster",
+                "RESP",
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
+            ]
+        ),
     ],
     swiftLanguageModes: [.v6]
 )
