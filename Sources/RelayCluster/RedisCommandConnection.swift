@@ -66,6 +66,36 @@ public final class RedisCommandConnection: Sendable {
         maximumOutstandingBytes: Int = defaultMaximumOutstandingBytes,
         connectTimeout: TimeAmount = .seconds(5)
     ) -> EventLoopFuture<RedisCommandConnection> {
+        self.openLoggedInChannel(
+            to: endpoint, on: eventLoop, logger: logger,
+            maximumOutstandingCommands: maximumOutstandingCommands,
+            maximumOutstandingBytes: maximumOutstandingBytes,
+            connectTimeout: connectTimeout
+        ).map { opened in
+            RedisCommandConnection(endpoint: endpoint, runID: opened.runID, channel: opened.channel, handler: opened.handler)
+        }
+    }
+
+    /// A channel that is connected and logged in, with the RESP decoder and a
+    /// ``RedisCommandHandler`` in its pipeline; what both kinds of connection start from.
+    struct LoggedInChannel: Sendable {
+        var channel: any Channel
+        var handler: NIOLoopBound<RedisCommandHandler>
+        var runID: String
+    }
+
+    /// Connects to `endpoint` and logs in (`AUTH`, `SELECT`, `INFO server`): the part of
+    /// ``connect(to:on:logger:maximumOutstandingCommands:maximumOutstandingBytes:connectTimeout:)``
+    /// that the subscription connection shares. The future completes on `eventLoop`; on failure
+    /// the channel is closed.
+    static func openLoggedInChannel(
+        to endpoint: RedisEndpoint,
+        on eventLoop: any EventLoop,
+        logger: Logger,
+        maximumOutstandingCommands: Int,
+        maximumOutstandingBytes: Int,
+        connectTimeout: TimeAmount
+    ) -> EventLoopFuture<LoggedInChannel> {
         let bootstrap = ClientBootstrap(group: eventLoop)
             .connectTimeout(connectTimeout)
             .channelInitializer { channel in
@@ -96,7 +126,7 @@ public final class RedisCommandConnection: Sendable {
             return handshake(endpoint: endpoint, handler: handler, eventLoop: eventLoop)
                 .map { runID in
                     logger.debug("connected to Redis", metadata: ["endpoint": "\(endpoint)", "run_id": "\(runID)"])
-                    return RedisCommandConnection(endpoint: endpoint, runID: runID, channel: channel, handler: handler)
+                    return LoggedInChannel(channel: channel, handler: handler, runID: runID)
                 }
                 .flatMapErrorWithEventLoop { error, eventLoop in
                     channel.close(promise: nil)

@@ -180,3 +180,7 @@ final class RedisCommandHandler: ChannelInboundHandler {
         }
     }
 }
+
+/// The subscription connection logs in through this handler, then takes it out of the pipeline
+/// and puts its own in its place (see ``RedisSubscriptionConnection``).
+extension RedisCommandHandler: RemovableChannelHandler {}

@@ -104,6 +104,9 @@ final class RedisTestServer {
         self.stop()
     }
 
+    /// The server's process id (for `kill -STOP` / `-CONT` in tests).
+    var processIdentifier: Int32 { self.process.processIdentifier }
+
     /// Kills the server (SIGKILL) and waits for it; idempotent.
     func stop() {
         guard !self.stopped else { return }
