@@ -149,13 +149,7 @@ final class RedisCommandHandler: ChannelInboundHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        let reason: RedisConnectionError
-        switch error {
-        case let error as RedisConnectionError: reason = error
-        case let error as RESPError: reason = .protocolError(error.description)
-        case let error as ByteToMessageDecoderError: reason = .protocolError("\(error)")
-        default: reason = .socketError("\(error)")
-        }
+        let reason = RedisConnectionError.caught(error)
         if self.failure == nil {
             self.logger.warning("Redis connection failed", metadata: ["error": "\(error)"])
         }

@@ -6,6 +6,7 @@
 // error is about the command, a connection error is a reason to reconnect and
 // resend.
 
+import NIOCore
 import RESP
 
 /// An error reply from Redis to one command, such as `ERR wrong number of arguments` or
@@ -75,6 +76,20 @@ public enum RedisConnectionError: Error, Sendable, Hashable, CustomStringConvert
         switch self {
         case .closed, .protocolError, .unexpectedReply, .socketError, .handshakeFailed: return true
         case .tooManyOutstandingCommands, .tooManyOutstandingBytes, .emptyCommand: return false
+        }
+    }
+}
+
+extension RedisConnectionError {
+    /// What an error caught in a Redis channel means for the connection; both connections use it.
+    static func caught(_ error: any Error) -> RedisConnectionError {
+        switch error {
+        case let error as RedisConnectionError: return error
+        case let error as RESPError: return .protocolError(error.description)
+        // The stream ended inside a reply: the peer closed, the bytes were not bad.
+        case ByteToMessageDecoderError.leftoverDataWhenDone: return .closed
+        case let error as ByteToMessageDecoderError: return .protocolError("\(error)")
+        default: return .socketError("\(error)")
         }
     }
 }

@@ -256,16 +256,7 @@ final class RedisSubscriptionHandler: ChannelInboundHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: any Error) {
-        let reason: RedisConnectionError
-        switch error {
-        case let error as RedisConnectionError: reason = error
-        case let error as RESPError: reason = .protocolError(error.description)
-        case ByteToMessageDecoderError.leftoverDataWhenDone:
-            // The stream ended inside a push: closed by the peer, not bad bytes.
-            reason = .closed
-        case let error as ByteToMessageDecoderError: reason = .protocolError("\(error)")
-        default: reason = .socketError("\(error)")
-        }
+        let reason = RedisConnectionError.caught(error)
         if self.failure == nil {
             self.logger.warning("Redis pub/sub connection failed", metadata: ["error": "\(error)"])
         }
