@@ -33,12 +33,14 @@ let package = Package(
                 .product(name: "JWTKit", package: "jwt-kit"),
             ]
         ),
-        // NIO transports around the hub: Unix-socket ingest, HTTP, WebSocket subscribers.
+        // NIO transports around the hub: Unix-socket ingest, HTTP, WebSocket subscribers, and
+        // cluster mode's coordination between Redis and the hub.
         .target(
             name: "RelayServer",
             dependencies: [
                 "RelayHub",
                 "RelayAuth",
+                "RelayCluster",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
@@ -74,6 +76,7 @@ let package = Package(
             dependencies: [
                 "RelayServer",
                 "RelayAuth",
+                "RelayCluster",
                 "ProgressEmitter",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
@@ -85,6 +88,13 @@ let package = Package(
         ),
         // What `emit` costs a worker: a benchmark that prints figures.
         .executableTarget(name: "emitter-bench", dependencies: ["ProgressEmitter"]),
+        // RESPDecoder under libFuzzer. A plain build makes a replayer of inputs (so the checks
+        // stay compiled); scripts/fuzz builds the fuzzer itself in .build-fuzz.
+        .executableTarget(
+            name: "resp-fuzz",
+            dependencies: ["RESP", .product(name: "NIOCore", package: "swift-nio")],
+            path: "Fuzz/RESPDecoder"
+        ),
         .testTarget(name: "RelayHubTests", dependencies: ["RelayHub"]),
         .testTarget(name: "RelayAuthTests", dependencies: ["RelayAuth"]),
         .testTarget(name: "ProgressEmitterTests", dependencies: ["ProgressEmitter"]),

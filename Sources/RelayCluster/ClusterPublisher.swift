@@ -155,6 +155,9 @@ public struct ClusterPublisherHooks: Sendable {
     public var readiness: @Sendable (PublisherReadiness) -> Void
     /// A line was acknowledged: its counter, and whether it landed now or before.
     public var acknowledged: @Sendable (_ counter: UInt64, _ outcome: PublishOutcome) -> Void
+    /// A connection was made (the first or a later one): ``ClusterPublisher/connectedSequencer`` is
+    /// now set, for calls that waited for one.
+    public var linked: @Sendable () -> Void
 
     /// Hooks that do nothing, to be replaced one by one.
     public init() {
@@ -165,6 +168,7 @@ public struct ClusterPublisherHooks: Sendable {
         self.roundTrip = { _ in }
         self.readiness = { _ in }
         self.acknowledged = { _, _ in }
+        self.linked = {}
     }
 }
 
@@ -222,6 +226,12 @@ public final class ClusterPublisher: Sendable {
 
     /// Whether the publisher can publish now (`/readyz`). Call on ``eventLoop``.
     public var isReady: Bool { self.core.value.readiness.isReady }
+
+    /// The sequencer of the current connection, nil while there is none. The relay sends its
+    /// other commands (topic reads, TTL refreshes, the sweeper, probes) through it, so that Redis
+    /// sees two connections per relay, and a read is ordered after the lines sent before it.
+    /// Call on ``eventLoop``.
+    public var connectedSequencer: TopicSequencer? { self.core.value.connectedSequencer }
 
     /// Bytes queued (lines not yet acknowledged, and their topics). Call on ``eventLoop``.
     public var queuedBytes: Int { self.core.value.queue.bytes }
@@ -347,6 +357,11 @@ final class PublisherCore {
         self.retryBackoff = configuration.minimumBackoff
     }
 
+    var connectedSequencer: TopicSequencer? {
+        if case .connected(let sequencer) = self.link { return sequencer }
+        return nil
+    }
+
     // MARK: - Ingest
 
     func start() {
@@ -439,6 +454,7 @@ final class PublisherCore {
             }
             self.updateReadiness()
             self.startRound()
+            self.hooks.linked()
         case .failure(let error):
             self.linkProblem = "cannot connect to Redis: \(error)"
             self.logger.warning(

@@ -95,6 +95,9 @@ public struct TopicFollower: Sendable {
         /// Held messages were dropped because the hold limit was reached; a read will cover them.
         /// For the log and a counter.
         case overflowed(topic: String, dropped: Int)
+        /// A read filled a gap in the same epoch: the `.publish` that follows starts with the
+        /// `events` missing events. For the log and a counter (`progress_relay_gaps_repaired_total`).
+        case repaired(topic: String, events: Int)
     }
 
     private struct Waiter {
@@ -138,6 +141,9 @@ public struct TopicFollower: Sendable {
 
     /// The topics held (subscribed or being subscribed), lingering ones included.
     public var topicCount: Int { topics.count }
+
+    /// Whether the topic is held: joined (perhaps still being subscribed or read) or lingering.
+    public func holds(_ topic: String) -> Bool { topics[topic] != nil }
 
     /// Where the follower believes the hub's topic stands; nil when it is not held or not yet joined.
     public func position(of topic: String) -> TopicPosition? { topics[topic]?.position }
@@ -358,6 +364,7 @@ public struct TopicFollower: Sendable {
             guard newest > position.seq else { return }
             if let first = events.first, first.seq <= position.seq + 1 {
                 state.position!.seq = newest
+                actions.append(.repaired(topic: topic, events: Int(newest - position.seq)))
                 for event in events where event.seq > position.seq {
                     Self.publish(
                         SequencedEvent(topic: topic, epoch: history.epoch, seq: event.seq, object: event.object),

@@ -327,6 +327,18 @@ extension Hub {
         return subscribe(id, to: name, resume: resume, now: now)
     }
 
+    /// Forgets a topic that has no exact subscriber (pattern subscribers do not hold a topic):
+    /// the cluster layer stopped following it, so its ring would go stale. False when the topic
+    /// still has exact subscribers or is not held.
+    @discardableResult
+    public func forgetTopic(_ name: String) -> Bool {
+        precondition(configuration.sequencing == .external, "only cluster mode forgets topics on request")
+        guard let topic = topics[name], topic.subscriberCount == 0 else { return false }
+        idle.remove(topic)
+        topics[name] = nil
+        return true
+    }
+
     private func eventFrame(_ stored: StoredEvent) -> ByteBuffer {
         stored.object.withUnsafeReadableBytes { object in
             WebSocketText.eventFrame(seq: stored.seq, object: object, allocator: allocator)

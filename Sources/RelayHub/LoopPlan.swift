@@ -41,6 +41,17 @@ public struct LoopPlan: Sendable {
         }
     }
 
+    /// Appends every frame and run of `other`, after this plan's: how the cluster layer sends the
+    /// events of many Redis messages in one hop per loop.
+    public mutating func append(contentsOf other: LoopPlan) {
+        let offset = frames.count
+        frames.append(contentsOf: other.frames)
+        runs.reserveCapacity(runs.count + other.runs.count)
+        for run in other.runs {
+            runs.append(Run(end: run.end + offset, targets: run.targets))
+        }
+    }
+
     /// Calls `body` once per run: the subscribers, and the range of `frames` they receive.
     @inlinable
     public func forEachRun(_ body: (Targets, Range<Int>) throws -> Void) rethrows {

@@ -98,10 +98,18 @@ public final class Relay: Sendable {
         var hubConfiguration = configuration.hub
         let loops = Array(group.makeIterator())
         hubConfiguration.loopCount = loops.count
+        var stateFile = configuration.stateFile
+        if configuration.cluster != nil {
+            hubConfiguration.sequencing = .external
+            if let path = stateFile {
+                logger.notice("--state-file is ignored in cluster mode: the state lives in Redis", metadata: ["file": "\(path)"])
+                stateFile = nil
+            }
+        }
 
         // Everything that can refuse the start comes first: the state file is consumed only once
         // both listeners are bound, so a failed start (port taken, socket live) keeps it.
-        if let path = configuration.stateFile {
+        if let path = stateFile {
             do {
                 try StateFileStore.checkWritable(path)
             } catch {
@@ -131,7 +139,7 @@ public final class Relay: Sendable {
         }
 
         var restored: [TopicState] = []
-        if let path = configuration.stateFile {
+        if let path = stateFile {
             do {
                 if let taken = try StateFileStore.take(path) {
                     restored = taken
@@ -148,7 +156,13 @@ public final class Relay: Sendable {
             driver = try await HubDriver.make(
                 hubLoop: hubGroup.next(), loops: loops, configuration: hubConfiguration,
                 epochPrefix: Self.newEpochPrefix(), restoring: restored, metrics: metrics,
-                pingInterval: configuration.pingInterval)
+                pingInterval: configuration.pingInterval,
+                cluster: configuration.cluster.map {
+                    ClusterSetup(
+                        settings: $0, history: hubConfiguration.historyLimit,
+                        topicTTLSeconds: max(1, Int(hubConfiguration.topicTTL / 1_000_000_000)),
+                        metrics: ClusterMetrics(), logger: logger)
+                })
         } catch {
             ingest.stopAccepting()
             http.stopAccepting()
@@ -162,7 +176,8 @@ public final class Relay: Sendable {
             logger: logger)
         let routes = HTTPRoutes(
             origins: OriginPolicy(allowed: configuration.allowedOrigins), metricsText: metricsText,
-            statsJSON: { driver.refreshCounts().map { metrics.statsJSON } })
+            statsJSON: { driver.refreshCounts().map { metrics.statsJSON } },
+            readiness: { driver.readiness() })
         let upgrader = WebSocketUpgrader(
             maxFrameSize: configuration.maxClientMessageBytes,
             accepts: { head in RequestTarget(head.uri).path == "/ws" && routes.originAllowed(head) },
@@ -254,6 +269,15 @@ public final class Relay: Sendable {
         await Self.wait(for: driver.barrier(), upTo: .milliseconds(500), on: driver.hubLoop)
         logger.debug("emitter connections drained", metadata: ["connections": "\(drained.count)", "after": "\(elapsed())"])
 
+        if configuration.cluster != nil {
+            // The lines read are on their way to Redis; other relays deliver them if this one cannot.
+            let lost = try? await driver.stopCluster(deadline: .now() + .milliseconds(1500)).get()
+            if let lost, lost > 0 {
+                logger.error("lines read but not published to Redis before the stop", metadata: ["lines": "\(lost)"])
+            }
+            logger.debug("cluster stopped", metadata: ["after": "\(elapsed())"])
+        }
+
         await Self.wait(for: driver.closeAllSubscribers(.goingAway), upTo: .milliseconds(1500), on: driver.hubLoop)
         // Connections still open are closed here, before the loops stop, so no callback of theirs outlives them.
         await Self.wait(for: driver.closeAllSubscribersNow(), upTo: .milliseconds(200), on: driver.hubLoop)
@@ -261,7 +285,7 @@ public final class Relay: Sendable {
         upkeep.cancel()
 
         var stateFailure: (any Error)?
-        if let path = configuration.stateFile {
+        if let path = configuration.stateFile, configuration.cluster == nil {
             do {
                 let topics = try await driver.snapshot().get()
                 try StateFileStore.write(topics, to: path)

@@ -29,6 +29,8 @@ public struct RelayConfiguration: Sendable {
     /// (`--max-inflight-bytes`, `IngestBudget`): the bound on that queue, and what lets the loops
     /// coalesce writes.
     public var ingestBudgetBytes: Int
+    /// Cluster mode (`--redis`): Redis numbers events, and relays sharing it act as one.
+    public var cluster: ClusterSettings?
 
     public init(
         socketPath: String = "/run/progress.sock",
@@ -46,7 +48,8 @@ public struct RelayConfiguration: Sendable {
         stateFile: String? = nil,
         hub: HubConfiguration = HubConfiguration(),
         threads: Int = System.coreCount,
-        ingestBudgetBytes: Int = 16 * 1024 * 1024
+        ingestBudgetBytes: Int = 16 * 1024 * 1024,
+        cluster: ClusterSettings? = nil
     ) {
         self.socketPath = socketPath
         self.socketMode = socketMode
@@ -64,5 +67,6 @@ public struct RelayConfiguration: Sendable {
         self.hub = hub
         self.threads = threads
         self.ingestBudgetBytes = ingestBudgetBytes
+        self.cluster = cluster
     }
 }

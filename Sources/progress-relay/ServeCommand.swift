@@ -8,6 +8,7 @@ import Metrics
 import NIOCore
 import Prometheus
 import RelayAuth
+import RelayCluster
 import RelayHub
 import RelayServer
 import ServiceLifecycle
@@ -86,6 +87,26 @@ struct ServeCommand: AsyncParsableCommand {
 
     @Flag(help: "Development mode: a random secret and a ready token, printed to standard output.")
     var dev = false
+
+    @Option(
+        help: """
+            Cluster mode: relays sharing this Redis act as one. redis://[user:password@]host:port[/db] \
+            or unix:///path/redis.sock (put a password in PROGRESS_RELAY_REDIS, not on the command line).
+            """)
+    var redis: String?
+
+    @Option(name: .customLong("redis-prefix"), help: "Prefix of every Redis key and channel of this cluster.")
+    var redisPrefix: String = "progress-relay"
+
+    @Option(
+        name: .customLong("redis-queue-bytes"), parsing: .unconditional,
+        help: "Ingest bytes that may wait for Redis before the relay stops reading emitter sockets.")
+    var redisQueueBytes: Int = 67_108_864
+
+    @Option(
+        name: .customLong("node-name"),
+        help: "This relay's name in logs and in Redis (default host name and port; a random suffix is added).")
+    var nodeName: String?
 
     func run() async throws {
         let settings = try checkedSettings()
@@ -256,8 +277,46 @@ struct ServeCommand: AsyncParsableCommand {
             stateFile: stateFile,
             hub: HubConfiguration(
                 historyLimit: history, maxTopics: maxTopics, topicTTL: UInt64(topicTTL * 1e9)),
-            ingestBudgetBytes: maxInflightBytes)
+            ingestBudgetBytes: maxInflightBytes,
+            cluster: try clusterSettings(port: port))
         return Settings(configuration: configuration, templates: templates, logLevel: level)
+    }
+
+    /// `--redis` and its companions; nil without `--redis`.
+    private func clusterSettings(port: Int) throws -> ClusterSettings? {
+        guard let redis else {
+            for (flag, given) in [("--redis-prefix", redisPrefix != "progress-relay"), ("--node-name", nodeName != nil)] where given {
+                throw CLIError.usage("\(flag): only means something in cluster mode; add --redis URL")
+            }
+            return nil
+        }
+        let endpoint: RedisEndpoint
+        do {
+            endpoint = try RedisEndpoint(parsing: redis)
+        } catch {
+            throw CLIError.usage("--redis: \(error)")
+        }
+        guard Self.isClusterName(redisPrefix, maximumLength: 64) else {
+            throw CLIError.usage(
+                "--redis-prefix \(redisPrefix): expected 1 to 64 of A-Z a-z 0-9 _ - . : / @ = (it starts every key and channel)")
+        }
+        guard redisQueueBytes >= 65536 else {
+            throw CLIError.usage("--redis-queue-bytes \(redisQueueBytes): must be at least 65536")
+        }
+        let base = nodeName ?? (ProcessInfo.processInfo.hostName + ":" + String(port))
+        guard Self.isClusterName(base, maximumLength: 100) else {
+            throw CLIError.usage("--node-name \(base): expected 1 to 100 of A-Z a-z 0-9 _ - . : / @ =")
+        }
+        // Per process: a restarted relay numbers its lines from 1 again under a new counter key.
+        let alphabet = Array("0123456789abcdefghijklmnopqrstuvwxyz")
+        let suffix = String((0..<6).map { _ in alphabet.randomElement()! })
+        return ClusterSettings(
+            endpoint: endpoint, prefix: redisPrefix, queueBytes: redisQueueBytes, nodeName: base + "-" + suffix)
+    }
+
+    /// Names that go into Redis keys and channel patterns: topic characters only (no glob characters, no braces).
+    static func isClusterName(_ name: String, maximumLength: Int) -> Bool {
+        !name.isEmpty && name.utf8.count <= maximumLength && name.utf8.allSatisfy(TopicName.isTopicByte)
     }
 
     static func hostAndPort(_ text: String) -> (String, Int)? {

@@ -1,4 +1,4 @@
-// HTTPHandler: the plain HTTP routes (`/healthz`, `/metrics`, `/stats`) and
+// HTTPHandler: the plain HTTP routes (`/healthz`, `/readyz`, `/metrics`, `/stats`) and
 // the answers to a `/ws` request that was not upgraded.
 
 import NIOCore
@@ -54,6 +54,8 @@ struct HTTPRoutes: Sendable {
     let origins: OriginPolicy
     let metricsText: @Sendable () -> String
     let statsJSON: @Sendable () -> EventLoopFuture<String>
+    /// Whether the relay can publish (`/readyz`), and if not why.
+    let readiness: @Sendable () -> EventLoopFuture<(ready: Bool, reason: String)>
 
     /// Browsers send `Origin`; other clients do not and are always allowed.
     func originAllowed(_ head: HTTPRequestHead) -> Bool {
@@ -98,6 +100,10 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         switch target.path {
         case "/healthz":
             respond(head, .ok, "ok", context: context)
+        case "/readyz":
+            routes.readiness().hop(to: context.eventLoop).assumeIsolated().whenSuccess { state in
+                self.respond(head, state.ready ? .ok : .serviceUnavailable, state.reason + "\n", context: context)
+            }
         case "/metrics":
             respond(head, .ok, routes.metricsText(), contentType: "text/plain; version=0.0.4", context: context)
         case "/stats":

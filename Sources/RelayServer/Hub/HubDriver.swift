@@ -21,23 +21,30 @@ final class HubDriver: Sendable {
     let loops: [any EventLoop]
     private let hub: NIOLoopBound<Hub>
     private let registries: [NIOLoopBound<LoopSubscribers>]
+    private let outlet: SubscriberLoops
     private let metrics: RelayMetrics
+    /// Cluster mode: Redis numbers the events, and this decides what the hub is told.
+    let cluster: NIOLoopBound<ClusterCoordinator>?
 
     private init(
         hubLoop: any EventLoop, loops: [any EventLoop], hub: NIOLoopBound<Hub>,
-        registries: [NIOLoopBound<LoopSubscribers>], metrics: RelayMetrics
+        registries: [NIOLoopBound<LoopSubscribers>], metrics: RelayMetrics, cluster: NIOLoopBound<ClusterCoordinator>?
     ) {
         self.hubLoop = hubLoop
         self.loops = loops
         self.hub = hub
         self.registries = registries
+        self.outlet = SubscriberLoops(loops: loops, registries: registries, metrics: metrics)
         self.metrics = metrics
+        self.cluster = cluster
     }
 
     /// Builds the hub on `hubLoop` and one subscriber registry on each of `loops`.
+    /// - Parameter cluster: cluster mode's settings; `configuration.sequencing` must then be `.external`.
     static func make(
         hubLoop: any EventLoop, loops: [any EventLoop], configuration: HubConfiguration, epochPrefix: String,
-        restoring states: [TopicState], metrics: RelayMetrics, pingInterval: TimeAmount
+        restoring states: [TopicState], metrics: RelayMetrics, pingInterval: TimeAmount,
+        cluster: ClusterSetup? = nil
     ) async throws -> HubDriver {
         let hub = try await hubLoop.submit {
             let hub = Hub(configuration: configuration, epochPrefix: epochPrefix)
@@ -53,7 +60,15 @@ final class HubDriver: Sendable {
                         eventLoop: loop)
                 }.get())
         }
-        return HubDriver(hubLoop: hubLoop, loops: loops, hub: hub, registries: registries, metrics: metrics)
+        var coordinator: NIOLoopBound<ClusterCoordinator>?
+        if let cluster {
+            let outlet = SubscriberLoops(loops: loops, registries: registries, metrics: metrics)
+            coordinator = try await hubLoop.submit {
+                NIOLoopBound(ClusterCoordinator.make(hub: hub.value, loop: hubLoop, outlet: outlet, setup: cluster), eventLoop: hubLoop)
+            }.get()
+        }
+        return HubDriver(
+            hubLoop: hubLoop, loops: loops, hub: hub, registries: registries, metrics: metrics, cluster: coordinator)
     }
 
     /// The registry of the loop the caller runs on.
@@ -66,44 +81,53 @@ final class HubDriver: Sendable {
     // MARK: Events
 
     /// Publishes one batch; `done` runs (on any thread) once every subscriber loop has written it.
-    func publish(_ events: [IncomingEvent], readAt: NIODeadline, done: @escaping @Sendable () -> Void) {
-        hubLoop.execute { [hub, registries, loops, metrics] in
+    ///
+    /// In cluster mode the batch goes to Redis instead, and `done` runs once it is queued there;
+    /// its events reach subscribers, here and on every other relay, from Redis. Call on the hub's
+    /// loop then (emitter connections live there), so that lines are queued in the order read.
+    ///
+    /// - Returns: in cluster mode, when Redis's queue is full, a future to stop reading emitters
+    ///   until; nil otherwise.
+    @discardableResult
+    func publish(
+        _ events: [IncomingEvent], readAt: NIODeadline, done: @escaping @Sendable () -> Void
+    ) -> EventLoopFuture<Void>? {
+        if let cluster {
+            let pause = cluster.value.enqueue(events)
+            done()
+            return pause
+        }
+        hubLoop.execute { [hub, outlet, metrics] in
             let plan = hub.value.publish(events, now: Monotonic.now)
-            metrics.delivered(plan.deliveryCount)
-            let busy = plan.loops.indices.filter { !plan.loops[$0].isEmpty }
-            guard !busy.isEmpty else {
+            outlet.deliver(plan) {
                 metrics.deliveryDelay(nanoseconds: (NIODeadline.now() - readAt).nanoseconds)
                 done()
-                return
-            }
-            let countdown = Countdown(busy.count) {
-                metrics.deliveryDelay(nanoseconds: (NIODeadline.now() - readAt).nanoseconds)
-                done()
-            }
-            for index in busy {
-                let loopPlan = plan.loops[index]
-                loops[index].execute {
-                    registries[index].value.deliver(loopPlan) { countdown.tick() }
-                }
             }
         }
+        return nil
     }
 
     // MARK: Subscriptions
 
     /// Subscribes; the answer reaches the subscriber through its loop's registry, in order with fan-out.
     func subscribe(_ id: SubscriberID, to name: String, resume: ResumePoint?) {
-        hubLoop.execute { [hub, registries, loops] in
+        if let cluster {
+            hubLoop.execute { cluster.value.subscribe(id, to: name, resume: resume) }
+            return
+        }
+        hubLoop.execute { [hub, outlet] in
             let subscription = hub.value.subscribe(id, to: name, resume: resume, now: Monotonic.now)
-            loops[id.loop].execute {
-                registries[id.loop].value.subscribed(id, to: name, subscription)
-            }
+            outlet.subscribed(id, to: name, subscription)
         }
     }
 
     /// Ends subscriptions of a connection that went away; nothing is answered.
     func unsubscribe(_ id: SubscriberID, from names: [String]) {
         guard !names.isEmpty else { return }
+        if let cluster {
+            hubLoop.execute { cluster.value.unsubscribe(id, fromAll: names) }
+            return
+        }
         hubLoop.execute { [hub] in
             hub.value.unsubscribe(id, fromAll: names, now: Monotonic.now)
         }
@@ -112,15 +136,30 @@ final class HubDriver: Sendable {
     /// Ends one subscription and answers through the same path as fan-out, so that no
     /// event of the topic reaches the subscriber after its `unsubscribed` frame.
     func unsubscribe(_ id: SubscriberID, from name: String, reason: String?) {
-        hubLoop.execute { [hub, registries, loops] in
+        if let cluster {
+            hubLoop.execute { cluster.value.unsubscribe(id, from: name, reason: reason) }
+            return
+        }
+        hubLoop.execute { [hub, outlet] in
             hub.value.unsubscribe(id, from: name, now: Monotonic.now)
-            loops[id.loop].execute {
-                registries[id.loop].value.unsubscribed(id, from: name, reason: reason)
-            }
+            outlet.unsubscribed(id, from: name, reason: reason)
         }
     }
 
     // MARK: Upkeep
+
+    /// Whether the relay can publish, and if not why (`/readyz`): always in single-relay mode.
+    func readiness() -> EventLoopFuture<(ready: Bool, reason: String)> {
+        guard let cluster else { return hubLoop.makeSucceededFuture((true, "ready")) }
+        return hubLoop.submit { cluster.value.readiness }
+    }
+
+    /// Cluster mode: hands every queued line to Redis before `deadline`, then closes the Redis
+    /// connections. Returns the lines that did not reach Redis (0 in single-relay mode).
+    func stopCluster(deadline: NIODeadline) -> EventLoopFuture<Int> {
+        guard let cluster else { return hubLoop.makeSucceededFuture(0) }
+        return hubLoop.flatSubmit { cluster.value.stop(deadline: deadline) }
+    }
 
     /// Forgets idle topics and refreshes the counts, once a second.
     func startUpkeep() -> RepeatedTask {
@@ -162,6 +201,40 @@ final class HubDriver: Sendable {
             loops[index].flatSubmit { [registries] in registries[index].value.closeAllNow() }
         }
         return EventLoopFuture.andAllComplete(futures, on: hubLoop)
+    }
+}
+
+/// The way from the hub's loop to the subscribers: fan-out plans and answers, each to the
+/// loop its subscribers live on, in the order they were made (both hops are FIFO).
+struct SubscriberLoops: Sendable {
+    let loops: [any EventLoop]
+    let registries: [NIOLoopBound<LoopSubscribers>]
+    let metrics: RelayMetrics
+
+    /// Writes a plan on every loop it touches; `done` runs once all have written it.
+    func deliver(_ plan: FanOut, done: @escaping @Sendable () -> Void = {}) {
+        metrics.delivered(plan.deliveryCount)
+        let busy = plan.loops.indices.filter { !plan.loops[$0].isEmpty }
+        guard !busy.isEmpty else { return done() }
+        let countdown = Countdown(busy.count, action: done)
+        for index in busy {
+            let loopPlan = plan.loops[index]
+            loops[index].execute { [registries] in
+                registries[index].value.deliver(loopPlan) { countdown.tick() }
+            }
+        }
+    }
+
+    func subscribed(_ id: SubscriberID, to name: String, _ subscription: Subscription) {
+        loops[id.loop].execute { [registries] in
+            registries[id.loop].value.subscribed(id, to: name, subscription)
+        }
+    }
+
+    func unsubscribed(_ id: SubscriberID, from name: String, reason: String?) {
+        loops[id.loop].execute { [registries] in
+            registries[id.loop].value.unsubscribed(id, from: name, reason: reason)
+        }
     }
 }
 

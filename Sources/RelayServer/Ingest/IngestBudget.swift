@@ -12,6 +12,10 @@
 // 1 MiB in flight left about one frame per write. A total (not per
 // connection) keeps that independent of how many emitters there are, and
 // bounds the memory no matter how many connect.
+//
+// In cluster mode the lines go to Redis instead, through the publisher's own
+// bounded queue; when that queue is full the budget is blocked until it has
+// room again, which holds every emitter back the same way.
 
 import NIOCore
 
@@ -20,12 +24,14 @@ final class IngestBudget {
     let limit: Int
     private(set) var inFlight = 0
     private var waiting: [() -> Void] = []
+    /// Blocks that have not ended (`block(until:)`).
+    private var blocks = 0
 
     init(limit: Int) {
         self.limit = limit
     }
 
-    var isSpent: Bool { inFlight >= limit }
+    var isSpent: Bool { inFlight >= limit || blocks > 0 }
 
     func take(_ bytes: Int) {
         inFlight += bytes
@@ -34,6 +40,19 @@ final class IngestBudget {
     /// Returns `bytes`; when the budget is no longer spent, every waiting connection resumes reading.
     func give(_ bytes: Int) {
         inFlight -= bytes
+        resumeIfRoom()
+    }
+
+    /// Counts the budget as spent until `future` completes (on this loop), whatever else is in flight.
+    func block(until future: EventLoopFuture<Void>) {
+        blocks += 1
+        future.assumeIsolated().whenComplete { _ in
+            self.blocks -= 1
+            self.resumeIfRoom()
+        }
+    }
+
+    private func resumeIfRoom() {
         guard !isSpent, !waiting.isEmpty else { return }
         let resumed = waiting
         waiting = []

@@ -170,9 +170,10 @@ final class IngestHandler: ChannelDuplexHandler {
         environment.budget.value.take(bytes)
         let loop = context.eventLoop
         let budget = environment.budget
-        environment.driver.publish(events, readAt: readAt) {
+        let pause = environment.driver.publish(events, readAt: readAt) {
             loop.execute { budget.value.give(bytes) }
         }
+        if let pause { budget.value.block(until: pause) }
     }
 
     // MARK: Backpressure and end
