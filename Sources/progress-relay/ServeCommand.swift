@@ -284,12 +284,8 @@ struct ServeCommand: AsyncParsableCommand {
 
     /// `--redis` and its companions; nil without `--redis`.
     private func clusterSettings(port: Int) throws -> ClusterSettings? {
-        guard let redis else {
-            for (flag, given) in [("--redis-prefix", redisPrefix != "progress-relay"), ("--node-name", nodeName != nil)] where given {
-                throw CLIError.usage("\(flag): only means something in cluster mode; add --redis URL")
-            }
-            return nil
-        }
+        // The companions are ignored without it: an environment file may set them for every host.
+        guard let redis else { return nil }
         let endpoint: RedisEndpoint
         do {
             endpoint = try RedisEndpoint(parsing: redis)
