@@ -369,6 +369,46 @@ struct HubSequencedHistoryTests {
     }
 }
 
+@Suite("Hub, cluster mode: forgetting topics and merging plans")
+struct HubSequencedForgetTests {
+    @Test("a topic no longer followed is forgotten unless it has exact subscribers; patterns do not hold it")
+    func forgetTopic() throws {
+        var redis = FakeSequencer()
+        let hub = makeClusterHub()
+        try join(hub, &redis, "a")
+        try subscribe(hub, sub(0, 1), "a")
+        try subscribe(hub, sub(0, 2), "a*")
+        #expect(!hub.forgetTopic("a"), "an exact subscriber holds it")
+        #expect(hub.position(of: "a") != nil)
+        hub.unsubscribe(sub(0, 1), from: "a", now: 2)
+        #expect(hub.forgetTopic("a"), "a pattern subscriber does not hold it")
+        #expect(hub.position(of: "a") == nil)
+        #expect(hub.subscribeIfHeld(sub(0, 3), to: "a", resume: nil, now: 3) == nil, "it must be joined again")
+        #expect(!hub.forgetTopic("a"), "not held")
+        // A forgotten topic is off the idle list too: expiring later must not trip over it.
+        #expect(hub.expire(now: .max) == 0)
+    }
+
+    @Test("plans merged in order keep every frame once and each run's subscribers")
+    func mergedPlans() throws {
+        var redis = FakeSequencer()
+        let hub = makeClusterHub(loopCount: 2)
+        for topic in ["a", "b"] { try join(hub, &redis, topic) }
+        try subscribe(hub, sub(0, 1), "a")
+        try subscribe(hub, sub(1, 2), "b")
+        try subscribe(hub, sub(1, 3), "a")
+        var merged = try hub.publishSequenced([redis.publish("a", object("a", 1))], now: 1)
+        let second = try hub.publishSequenced(
+            [redis.publish("b", object("b", 1)), redis.publish("a", object("a", 2))], now: 1)
+        for index in merged.loops.indices { merged.loops[index].append(contentsOf: second.loops[index]) }
+        let got = received(merged)
+        #expect(got[sub(0, 1)] == [eventFrame(seq: 1, object("a", 1)), eventFrame(seq: 2, object("a", 2))])
+        #expect(got[sub(1, 3)] == [eventFrame(seq: 1, object("a", 1)), eventFrame(seq: 2, object("a", 2))])
+        #expect(got[sub(1, 2)] == [eventFrame(seq: 1, object("b", 1))])
+        #expect(merged.loops[1].frames.count == 3, "each frame once per loop")
+    }
+}
+
 // MARK: - Violations
 
 @Suite("Hub, cluster mode: refused batches and resets change nothing")
