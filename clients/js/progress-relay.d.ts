@@ -38,7 +38,7 @@ export interface EventInfo {
   topic: string;
   seq: number;
   /** True when events of this topic were missed before this one (the relay could not fill
-   * the gap, or renumbered the topic): this event is the newest state. */
+   * the gap, renumbered the topic, or reset its stream): this event is the newest state. */
   gap: boolean;
   /** The topic or pattern of the subscription that delivered it. */
   subscription: string;
@@ -59,6 +59,23 @@ export type SubscriptionStatus =
       /** the client asked to resume (it had an epoch and a seq); `resumed && !recovered`
        * means events were missed and the next one is the newest state */
       resumed: boolean;
+    }
+  | {
+      /** The relay reset this live subscription's stream (cluster mode: Redis lost or may have
+       * rolled back the topic, or a gap could not be repaired from history). The client now
+       * follows `epoch` from `seq`, and its next resume uses them; the topic's newest event
+       * (seq `seq`, when `seq > 0`) follows with `info.gap = true`. Events before it may have
+       * been missed, and seqs start again under a new epoch. The subscription stays. */
+      status: 'reset';
+      topic: string;
+      epoch: string;
+      /** the topic's newest seq in the new numbering (0: the topic has no event any more) */
+      seq: number;
+      recovered: false;
+      /** the numbering the client followed until now (null if it had none) */
+      previousEpoch: string | null;
+      /** the last seq the client delivered in that numbering */
+      previousSeq: number;
     }
   | { status: 'ended'; topic: string; reason: string }
   | { status: 'error'; topic: string; code: string; message?: string };

@@ -3,7 +3,9 @@
 // One ES module, no build step, no dependencies. It keeps one WebSocket to the relay,
 // subscribes topics and patterns, reconnects with exponential backoff and jitter, resumes
 // every topic from its epoch and last seq (so no event is lost or repeated across a
-// reconnect), refreshes the token before it expires, and notices a dead connection.
+// reconnect), refreshes the token before it expires, and notices a dead connection. When the
+// relay resets a live topic (a second `subscribed` frame: cluster mode lost or rolled back the
+// topic), the client takes the new epoch and seq and tells the app with a `reset` status.
 //
 //   import { ProgressRelay } from './progress-relay.js';
 //   const relay = new ProgressRelay('/ws', { getToken: () => fetch('/relay-token').then(r => r.text()) });
@@ -68,6 +70,8 @@ export class ProgressRelay {
     this._topics = new Map();
     /** @type {Map<string, Set<Function>>} */
     this._handlers = new Map();
+    /** @type {Map<string, number>} topics unsubscribed on this connection, not yet answered */
+    this._unsubscribing = new Map();
 
     this._state = 'idle';
     this._ws = null;
@@ -220,6 +224,7 @@ export class ProgressRelay {
       this._lastHeard = Date.now();
       this._pingSentAt = 0;
       this._setState('open', { attempt: this._attempt });
+      this._unsubscribing.clear();
       // Topics first, with their resume points, then patterns: a pattern's snapshot then
       // finds the topics' events already delivered and adds nothing twice.
       for (const sub of this._subs.values()) if (!sub.pattern) this._sendSubscribe(sub);
@@ -451,7 +456,9 @@ export class ProgressRelay {
       const record = this._topics.get(sub.key);
       if (record && record.epoch !== null) {
         message.epoch = record.epoch;
-        message.since = record.seq;
+        // The last seq delivered. Right after a renumbering whose newest event has not arrived
+        // yet, the one before it, so that the relay sends that event.
+        message.since = record.gapPending && record.seq > 0 ? record.seq - 1 : record.seq;
         sub.resumed = true;
       }
     }
@@ -461,24 +468,26 @@ export class ProgressRelay {
   _onSubscribed(frame) {
     const sub = this._subs.get(frame.topic);
     if (!sub) return;
+    // The subscription this frame belongs to was ended by our unsubscribe (not answered yet):
+    // a late reset of it, not the answer to a newer subscribe, which comes after `unsubscribed`.
+    if (this._unsubscribing.has(frame.topic)) return;
+    const epoch = typeof frame.epoch === 'string' ? frame.epoch : null;
+    const seq = typeof frame.seq === 'number' ? frame.seq : 0;
+    // A second `subscribed` for a live subscription: the relay reset the topic's stream.
+    if (sub.acked) return this._onReset(sub, epoch, seq);
     sub.acked = true;
-    if (!sub.pattern && typeof frame.epoch === 'string') {
+    if (!sub.pattern && epoch !== null) {
       const record = this._record(frame.topic);
-      const seq = typeof frame.seq === 'number' ? frame.seq : 0;
       // Another numbering: the relay lost its state or forgot the topic.
-      const renumbered = record.epoch !== null ? record.epoch !== frame.epoch : record.seq > seq;
-      if (renumbered && (record.seq > 0 || record.text !== null)) {
-        record.seq = 0;
-        record.text = null;
-        record.gapPending = true;
-      }
-      record.epoch = frame.epoch;
+      const renumbered = record.epoch !== null ? record.epoch !== epoch : record.seq > seq;
+      if (renumbered && (record.seq > 0 || record.text !== null)) this._renumber(record, epoch, seq);
+      record.epoch = epoch;
     }
     const status = {
       status: 'subscribed',
       topic: frame.topic,
-      epoch: typeof frame.epoch === 'string' ? frame.epoch : null,
-      seq: typeof frame.seq === 'number' ? frame.seq : 0,
+      epoch,
+      seq,
       recovered: frame.recovered === true,
       resumed: !!sub.resumed,
     };
@@ -486,10 +495,43 @@ export class ProgressRelay {
     this._status(sub, status);
   }
 
+  /**
+   * The relay reset a live topic (cluster mode: Redis lost or may have rolled back the topic, or
+   * a gap could not be repaired from history): its stream now stands at `epoch`, `seq`, and the
+   * topic's newest event (seq `seq`, when it has one) follows. The client takes that numbering,
+   * so that the next resume uses it, and tells the app.
+   */
+  _onReset(sub, epoch, seq) {
+    if (sub.pattern || epoch === null) return; // a pattern has no numbering to reset
+    const record = this._record(sub.key);
+    const previousEpoch = record.epoch;
+    const previousSeq = record.seq;
+    if (record.epoch !== epoch || record.seq !== seq) this._renumber(record, epoch, seq);
+    const status = { status: 'reset', topic: sub.key, epoch, seq, recovered: false, previousEpoch, previousSeq };
+    // A listener added later starts from the stream as it now stands.
+    sub.lastStatus = { ...(sub.lastStatus || { status: 'subscribed', topic: sub.key, resumed: false }), epoch, seq, recovered: false };
+    this._status(sub, status);
+  }
+
+  /** The topic's numbering is now `epoch`, standing at `seq`: the next event is delivered (with
+   * `gap`) even at that seq, which is the newest event a renumbering announces; events of the
+   * old numbering are forgotten, so their seqs are no reason to drop the new ones. */
+  _renumber(record, epoch, seq) {
+    record.epoch = epoch;
+    record.seq = seq;
+    record.text = null;
+    record.gapPending = true;
+  }
+
   _onUnsubscribed(frame) {
     // An answer to our own unsubscribe needs nothing; one with a reason is the relay's doing
     // (a refreshed token no longer covers the topic).
-    if (!frame.reason) return;
+    if (!frame.reason) {
+      const pending = this._unsubscribing.get(frame.topic);
+      if (pending > 1) this._unsubscribing.set(frame.topic, pending - 1);
+      else this._unsubscribing.delete(frame.topic);
+      return;
+    }
     const sub = this._subs.get(frame.topic);
     if (!sub) return;
     this._status(sub, { status: 'ended', topic: frame.topic, reason: frame.reason });
@@ -519,14 +561,17 @@ export class ProgressRelay {
     const record = this._record(topic);
     let gap = false;
     if (record.seq > 0 || record.gapPending) {
-      if (seq <= record.seq) {
+      // After a renumbering (a new epoch, or a reset), the first event may carry the seq the
+      // relay announced: the topic's newest event, not a repeat.
+      const announced = record.gapPending && seq === record.seq;
+      if (seq <= record.seq && !announced) {
         // Seen already, unless the numbering started again. With the topic's epoch known
         // (a topic subscription) that would have come with a new epoch; through a pattern
         // only, an older or different event at the same seq means a new numbering.
         if (record.epoch !== null) return;
         if (seq === record.seq && text === record.text) return;
         gap = true;
-      } else if (seq !== record.seq + 1) {
+      } else if (seq !== record.seq + 1 && !announced) {
         gap = true;
       }
       if (record.gapPending) gap = true;
@@ -549,7 +594,7 @@ export class ProgressRelay {
     listener.primed = true;
     for (const [topic, record] of this._topics) {
       if (record.event && covers(sub, topic)) {
-        this._call(listener.onEvent, record.event, { topic, seq: record.seq, gap: false, subscription: sub.key, cached: true });
+        this._call(listener.onEvent, record.event, { topic, seq: record.event.seq, gap: false, subscription: sub.key, cached: true });
       }
     }
   }
@@ -569,7 +614,9 @@ export class ProgressRelay {
   _removeListener(sub, listener) {
     sub.listeners.delete(listener);
     if (sub.listeners.size > 0 || this._subs.get(sub.key) !== sub) return;
-    if (this._isOpen()) this._send({ op: 'unsubscribe', topic: sub.key });
+    if (this._isOpen() && this._send({ op: 'unsubscribe', topic: sub.key })) {
+      this._unsubscribing.set(sub.key, (this._unsubscribing.get(sub.key) || 0) + 1);
+    }
     this._endSub(sub);
   }
 

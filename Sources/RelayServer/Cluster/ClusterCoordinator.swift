@@ -384,7 +384,21 @@ final class ClusterCoordinator {
     }
 
     private func reset(_ topic: String, epoch: String, newestSeq: UInt64, events: [StoredEvent]) {
-        let before = hub.position(of: topic)
+        var before = hub.position(of: topic)
+        // The hub may hold the topic already, behind, kept for pattern subscribers (joining a topic
+        // a pattern here delivers). When the read reaches back to where the hub stands, its pattern
+        // subscribers get the events they have not had, in order, rather than only the newest.
+        if let held = before, held.epoch == epoch, held.seq < newestSeq, let first = events.first,
+            first.seq <= held.seq + 1
+        {
+            let missing = events.filter { $0.seq > held.seq }.map {
+                SequencedEvent(topic: topic, epoch: epoch, seq: $0.seq, object: $0.object)
+            }
+            if let plan = try? hub.publishSequenced(missing, now: Monotonic.now) {
+                schedule(plan)
+                before = hub.position(of: topic)
+            }
+        }
         do {
             let plan = try hub.resetTopic(topic, epoch: epoch, newestSeq: newestSeq, events: events, now: Monotonic.now)
             if let before, before != TopicPosition(epoch: epoch, seq: newestSeq) {

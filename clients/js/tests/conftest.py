@@ -10,6 +10,8 @@ runs unprivileged (relaylib.RELAY_UID:RELAY_GID, no capabilities; the browser ke
   (so the page imports /progress-relay.js, the file under test) and mints tokens at
   /token?ttl=S&topics=A,B&sub=U with the secret of the relay it is pointed at.
 - `relay_factory`: relays in their own temporary directories, stopped at teardown.
+- `redis`: a redis-server of the test's own on a Unix socket in a temporary directory (cluster
+  mode, issue 13), which can be restarted without its data; killed at teardown.
 - `output_dir`: test-output/clients-js/<test> at the repository root, for screenshots; on a
   failure the page's screenshot, its console and the relays' logs land there and in the report.
 """
@@ -20,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -185,6 +188,92 @@ def relay_factory():
 
 
 # --------------------------------------------------------------------------------------------
+# Redis, for cluster mode
+
+REDIS_SERVER = os.environ.get("PROGRESS_RELAY_REDIS_SERVER") or shutil.which("redis-server") or "/usr/bin/redis-server"
+REDIS_CLI = shutil.which("redis-cli") or "/usr/bin/redis-cli"
+
+
+class RedisServer:
+    """redis-server on a Unix socket in its own temporary directory, no persistence. The relays
+    (the unprivileged relay user when the tests run as root) reach it: the directory is 0755 and
+    the socket 0777. Redis runs as the test's user: it is the test's instrument."""
+
+    def __init__(self):
+        self.dir = relaylib.short_tmpdir("rd-")
+        os.chmod(self.dir, 0o755)
+        self.socket_path = str(self.dir / "redis.sock")
+        self.log_path = self.dir / "redis.log"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    @property
+    def url(self) -> str:
+        """The relay's `--redis` value."""
+        return "unix://" + self.socket_path
+
+    def cli(self, *args: str, timeout: float = 5) -> subprocess.CompletedProcess:
+        return subprocess.run([REDIS_CLI, "-s", self.socket_path, *args], capture_output=True, text=True,
+                              timeout=timeout)
+
+    def start(self, timeout: float = 10) -> "RedisServer":
+        self.starts += 1
+        self.proc = subprocess.Popen(
+            [REDIS_SERVER, "--port", "0", "--unixsocket", self.socket_path, "--unixsocketperm", "777",
+             "--save", "", "--appendonly", "no", "--dir", str(self.dir), "--logfile", str(self.log_path)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"redis-server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if os.path.exists(self.socket_path) and self.cli("PING").stdout.strip() == "PONG":
+                return self
+            if time.monotonic() > deadline:
+                raise AssertionError(f"redis-server did not answer PING within {timeout} s:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+    def restart_without_data(self) -> "RedisServer":
+        """`SHUTDOWN NOSAVE`, then a new server on the same socket: every topic is gone."""
+        self.cli("SHUTDOWN", "NOSAVE")
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        return self.start()
+
+    def stop(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
+
+    def log_tail(self, max_chars: int = 6000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-max_chars:]
+        except OSError:
+            return "(no redis log)"
+
+
+_REDIS_STARTED: list[RedisServer] = []
+
+
+@pytest.fixture
+def redis():
+    """A started RedisServer. Its absence fails the test: .ci/run installs it, and a skipped
+    cluster test would pass a client that mishandles resets."""
+    if not (os.path.isfile(REDIS_SERVER) and os.access(REDIS_SERVER, os.X_OK) and os.access(REDIS_CLI, os.X_OK)):
+        pytest.fail("redis-server/redis-cli not installed (apt-get install redis-server)")
+    server = RedisServer()
+    _REDIS_STARTED.append(server)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+        shutil.rmtree(server.dir, ignore_errors=True)
+        _REDIS_STARTED.remove(server)
+
+
+# --------------------------------------------------------------------------------------------
 # output: screenshots, and what a failure leaves behind
 
 @pytest.fixture
@@ -218,6 +307,8 @@ def pytest_runtest_makereport(item, call):
                 rep.sections.append(("harness log (tail)", log[-6000:]))
         except Exception as e:  # the browser may be the thing that broke
             rep.sections.append(("browser", f"could not collect: {e!r}"))
+    for server in _REDIS_STARTED:
+        rep.sections.append(("redis log", server.log_tail()))
     for r in relaylib._STARTED:
         rep.sections.append((f"{r.name} stderr", r.log_tail(8000)))
         try:

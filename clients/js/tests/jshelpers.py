@@ -1,4 +1,4 @@
-"""Helpers shared by the browser tests: a resilient emitter and the module harness."""
+"""Helpers shared by the browser tests: a resilient emitter, the module harness, the live page."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 import socket
 import threading
 import time
+
+from selenium.webdriver.common.by import By
 
 
 def wait_js(driver, script: str, timeout: float = 10.0, what: str | None = None, interval: float = 0.05):
@@ -96,3 +98,48 @@ def events_of(browser, sub: str) -> list[dict]:
 
 def states(browser) -> list[str]:
     return [s["state"] for s in harness_log(browser)["states"]]
+
+
+# --------------------------------------------------------------------------------------------
+# the live page
+
+def row_info(browser, topic: str) -> dict | None:
+    """What a person sees in the row of `topic`, read from the DOM."""
+    return browser.execute_script(
+        """
+        const tr = [...document.querySelectorAll('#rows tr')].find(r => r.dataset.topic === arguments[0]);
+        if (!tr) return null;
+        const bar = tr.querySelector('[role=progressbar]');
+        const fill = bar.querySelector('.fill');
+        return {
+          state: tr.dataset.state, seq: tr.dataset.seq, count: tr.dataset.count,
+          epoch: tr.dataset.epoch, resets: tr.dataset.resets,
+          topic: tr.querySelector('td.topic').textContent,
+          valuenow: bar.getAttribute('aria-valuenow'), valuetext: bar.getAttribute('aria-valuetext'),
+          label: document.getElementById(bar.getAttribute('aria-labelledby')).textContent,
+          ratio: fill.getBoundingClientRect().width / bar.getBoundingClientRect().width,
+          pct: tr.querySelector('.pct').textContent,
+          status: tr.querySelector('td.status span').textContent,
+          message: tr.querySelector('td.message').textContent,
+          events: [...tr.querySelectorAll('ol.events li')].map(li => li.textContent),
+        };
+        """, topic)
+
+
+def wait_row(browser, topic: str, pred, timeout: float = 10, what: str = ""):
+    deadline = time.monotonic() + timeout
+    info = None
+    while time.monotonic() < deadline:
+        info = row_info(browser, topic)
+        if info is not None and pred(info):
+            return info
+        time.sleep(0.05)
+    raise AssertionError(f"row {topic}: {what or 'condition'} not met within {timeout}s; row: {info}")
+
+
+def connection_text(browser) -> str:
+    return browser.find_element(By.ID, "connection").text
+
+
+def console_errors(browser) -> list[dict]:
+    return [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]

@@ -10,44 +10,7 @@ from pathlib import Path
 
 from selenium.webdriver.common.by import By
 
-from jshelpers import Emitter, wait_js
-
-
-def row_info(browser, topic: str) -> dict | None:
-    """What a person sees in the row of `topic`, read from the DOM."""
-    return browser.execute_script(
-        """
-        const tr = [...document.querySelectorAll('#rows tr')].find(r => r.dataset.topic === arguments[0]);
-        if (!tr) return null;
-        const bar = tr.querySelector('[role=progressbar]');
-        const fill = bar.querySelector('.fill');
-        return {
-          state: tr.dataset.state, seq: tr.dataset.seq, count: tr.dataset.count,
-          topic: tr.querySelector('td.topic').textContent,
-          valuenow: bar.getAttribute('aria-valuenow'), valuetext: bar.getAttribute('aria-valuetext'),
-          label: document.getElementById(bar.getAttribute('aria-labelledby')).textContent,
-          ratio: fill.getBoundingClientRect().width / bar.getBoundingClientRect().width,
-          pct: tr.querySelector('.pct').textContent,
-          status: tr.querySelector('td.status span').textContent,
-          message: tr.querySelector('td.message').textContent,
-          events: [...tr.querySelectorAll('ol.events li')].map(li => li.textContent),
-        };
-        """, topic)
-
-
-def wait_row(browser, topic: str, pred, timeout: float = 10, what: str = ""):
-    deadline = time.monotonic() + timeout
-    info = None
-    while time.monotonic() < deadline:
-        info = row_info(browser, topic)
-        if info is not None and pred(info):
-            return info
-        time.sleep(0.05)
-    raise AssertionError(f"row {topic}: {what or 'condition'} not met within {timeout}s; row: {info}")
-
-
-def connection_text(browser) -> str:
-    return browser.find_element(By.ID, "connection").text
+from jshelpers import Emitter, connection_text, console_errors, row_info, wait_js, wait_row
 
 
 def dev_relay(relay_factory):
@@ -67,10 +30,6 @@ def dev_relay(relay_factory):
     return relay, urls[0]
 
 
-def console_errors(browser) -> list[dict]:
-    return [e for e in browser.get_log("browser") if e["level"] == "SEVERE"]
-
-
 # ---------------------------------------------------------------------------------------------
 
 def test_dev_url_opens_the_page_authorised_and_shows_progress(browser, relay_factory, output_dir):
@@ -85,6 +44,7 @@ def test_dev_url_opens_the_page_authorised_and_shows_progress(browser, relay_fac
         {"topic": "task:9", "type": "progress", "progress": 64, "message": "uploading"},
         {"topic": "task:9", "type": "error", "error": "disk full", "details": {"free": 0}},
     ])
+    browser.get("about:blank")   # a previous test's page may still be reconnecting to its stopped relay
     browser.get_log("browser")   # start the console afresh
     browser.get(page_url)
 

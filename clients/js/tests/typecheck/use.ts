@@ -7,6 +7,9 @@ relay.on('token', (t) => console.log(t.exp));
 const stop = relay.subscribe<TaskProgressEvent>('task:1', (ev, info) => { const p: number | undefined = ev.progress; console.log(p, info.gap, ev.seq); }, {
   onStatus: (s: SubscriptionStatus) => { if (s.status === 'subscribed') console.log(s.recovered, s.resumed); else if (s.status === 'ended') console.log(s.reason); },
 });
+relay.on('subscription', (s) => {
+  if (s.status === 'reset') { const e: string = s.epoch; const r: false = s.recovered; console.log(e, s.seq, r, s.previousEpoch, s.previousSeq); }
+});
 relay.subscribe('task:*', (ev: RelayEvent) => console.log(ev.topic));
 stop(); off(); relay.close(); relay.connect();
 const c: 4401 = CloseCode.UNAUTHORIZED;
