@@ -98,12 +98,15 @@ let package = Package(
         .testTarget(name: "RelayHubTests", dependencies: ["RelayHub"]),
         .testTarget(name: "RelayAuthTests", dependencies: ["RelayAuth"]),
         .testTarget(name: "ProgressEmitterTests", dependencies: ["ProgressEmitter"]),
-        .testTarget(name: "RESPTests", dependencies: ["RESP"]),
+        // Test support: a redis-server of a test's own, for the tests that talk to Redis.
+        .target(name: "RedisTestSupport", path: "Tests/RedisTestSupport"),
+        .testTarget(name: "RESPTests", dependencies: ["RESP", "RedisTestSupport"]),
         .testTarget(
             name: "RelayClusterTests",
             dependencies: [
                 "RelayCluster",
                 "RESP",
+                "RedisTestSupport",
                 .product(name: "NIOPosix", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "Logging", package: "swift-log"),

@@ -1,11 +1,12 @@
 // The codec against a real redis-server: commands written by RESPCommand over a
 // plain POSIX Unix socket, every reply decoded by RESPDecoder, with the replies
 // read in small pieces so that real server output is split at many places.
-// Each test starts its own server in a temporary directory and stops it at the
-// end; without redis-server installed the tests are skipped, saying so.
+// Each test starts its own server (RedisTestSupport) in a temporary directory
+// and kills it at the end; without redis-server installed the tests are skipped, saying so.
 
 import Foundation
 import NIOCore
+import RedisTestSupport
 import Testing
 
 @testable import RESP
@@ -16,57 +17,8 @@ import Glibc
 import Darwin
 #endif
 
-/// The redis-server executable, if one is installed.
-private let redisServerPath: String? = {
-    let path = ProcessInfo.processInfo.environment["PATH"] ?? ""
-    let directories = ["/usr/bin", "/usr/local/bin", "/opt/homebrew/bin"] + path.split(separator: ":").map(String.init)
-    return directories.map { $0 + "/redis-server" }.first { FileManager.default.isExecutableFile(atPath: $0) }
-}()
-
 private struct RedisTestFailure: Error, CustomStringConvertible {
     var description: String
-}
-
-/// A redis-server of our own on a Unix socket in a temporary directory, with no persistence.
-private final class RedisServer {
-    let directory: URL
-    let socketPath: String
-    private let process = Process()
-
-    init(executable: String) throws {
-        self.directory = URL(fileURLWithPath: NSTemporaryDirectory())
-            .appendingPathComponent("resp-tests-\(UUID().uuidString.prefix(8))")
-        try FileManager.default.createDirectory(at: self.directory, withIntermediateDirectories: true)
-        self.socketPath = self.directory.appendingPathComponent("r.sock").path
-        self.process.executableURL = URL(fileURLWithPath: executable)
-        self.process.arguments = [
-            "--port", "0", "--unixsocket", self.socketPath, "--save", "", "--appendonly", "no",
-            "--dir", self.directory.path, "--logfile", self.directory.appendingPathComponent("redis.log").path,
-        ]
-        self.process.standardOutput = FileHandle.nullDevice
-        self.process.standardError = FileHandle.nullDevice
-        try self.process.run()
-        // Ready when the socket accepts a connection (a few milliseconds; allow 10 s).
-        for _ in 0..<200 {
-            if let probe = try? RedisConnection(path: self.socketPath) {
-                _ = probe
-                return
-            }
-            usleep(50_000)
-        }
-        self.stop()
-        throw RedisTestFailure(description: "redis-server did not open \(self.socketPath) within 10 s")
-    }
-
-    func stop() {
-        // SIGKILL, not terminate(): the server inherits the test runner's signal mask, in which
-        // SIGTERM is blocked, and it holds nothing worth a clean shutdown.
-        if self.process.isRunning {
-            kill(self.process.processIdentifier, SIGKILL)
-            self.process.waitUntilExit()
-        }
-        try? FileManager.default.removeItem(at: self.directory)
-    }
 }
 
 /// `send(2)`, without SIGPIPE where the platform allows.
@@ -172,7 +124,7 @@ private func errorText(_ value: RESPValue) -> String? {
 @Suite("RESP against redis-server", .enabled(if: redisServerPath != nil, "redis-server is not installed (looked in /usr/bin, /usr/local/bin, /opt/homebrew/bin and PATH)"))
 struct RESPRedisServerTests {
     @Test func pipelinedCommandsAndEveryReplyShape() throws {
-        let server = try RedisServer(executable: redisServerPath!)
+        let server = try RedisTestServer(directoryPrefix: "resp-tests")
         defer { server.stop() }
         let redis = try RedisConnection(path: server.socketPath)
 
@@ -242,7 +194,7 @@ struct RESPRedisServerTests {
     }
 
     @Test func largeBulkStringsRoundTrip() throws {
-        let server = try RedisServer(executable: redisServerPath!)
+        let server = try RedisTestServer(directoryPrefix: "resp-tests")
         defer { server.stop() }
         let redis = try RedisConnection(path: server.socketPath)
 
@@ -255,7 +207,7 @@ struct RESPRedisServerTests {
     }
 
     @Test func pubSubMessages() throws {
-        let server = try RedisServer(executable: redisServerPath!)
+        let server = try RedisTestServer(directoryPrefix: "resp-tests")
         defer { server.stop() }
         let subscriber = try RedisConnection(path: server.socketPath)
         let publisher = try RedisConnection(path: server.socketPath)

@@ -1,11 +1,8 @@
-// Test support: a redis-server of each test's own, and a blocking subscriber.
+// Test support: the shared redis-server of RedisTestSupport with this
+// module's connection to it, and a blocking subscriber.
 //
-// Every test starts its own server in a temporary directory (Unix socket, or
-// TCP on 127.0.0.1 and a free port), with no persistence, and kills it with
-// SIGKILL at the end: the server inherits the test runner's signal mask, in
-// which SIGTERM is blocked, so Process.terminate() would not stop it. A small
-// shell watcher kills the server too if the test process dies first (a crash,
-// a timeout), so that no redis-server outlives the tests.
+// The server (one per test, SIGKILLed at the end) is RedisTestSupport's
+// RedisTestServer; here it gains its RedisEndpoint and a RedisCommandConnection.
 //
 // The subscriber is a plain blocking socket with the RESP decoder, independent
 // of the connection under test: pub/sub pushes are not command replies, and a
@@ -16,6 +13,7 @@ import Logging
 import NIOCore
 import NIOPosix
 import RESP
+import RedisTestSupport
 import RelayCluster
 import Testing
 
@@ -25,12 +23,9 @@ import Glibc
 import Darwin
 #endif
 
-/// The redis-server executable, if one is installed.
-let redisServerPath: String? = {
-    let path = ProcessInfo.processInfo.environment["PATH"] ?? ""
-    let directories = ["/usr/bin", "/usr/local/bin", "/opt/homebrew/bin"] + path.split(separator: ":").map(String.init)
-    return directories.map { $0 + "/redis-server" }.first { FileManager.default.isExecutableFile(atPath: $0) }
-}()
+// The shared names, declared in this module so that its test files need no import of their own.
+typealias RedisTestServer = RedisTestSupport.RedisTestServer
+let redisServerPath = RedisTestSupport.redisServerPath
 
 struct TestFailure: Error, CustomStringConvertible {
     var description: String
@@ -38,88 +33,13 @@ struct TestFailure: Error, CustomStringConvertible {
 
 let testLogger = Logger(label: "RelayClusterTests")
 
-/// A redis-server of the test's own, with no persistence.
-final class RedisTestServer {
-    enum Transport {
-        case unixSocket
-        case tcp
-    }
-
-    let directory: URL
-    let endpoint: RedisEndpoint
-    /// The Unix socket path (also present when serving TCP, so that the subscriber can use it).
-    let socketPath: String
-    private let process = Process()
-    private let watcher = Process()
-    private var stopped = false
-
-    /// Starts a server and waits until it accepts connections.
-    init(transport: Transport = .unixSocket, extraArguments: [String] = []) throws {
-        guard let executable = redisServerPath else { throw TestFailure(description: "redis-server is not installed") }
-        self.directory = URL(fileURLWithPath: "/tmp")
-            .appendingPathComponent("relay-cluster-tests-\(UUID().uuidString.prefix(8))")
-        try FileManager.default.createDirectory(at: self.directory, withIntermediateDirectories: true)
-        self.socketPath = self.directory.appendingPathComponent("r.sock").path
-        var arguments = [
-            "--unixsocket", self.socketPath, "--save", "", "--appendonly", "no",
-            "--dir", self.directory.path, "--logfile", self.directory.appendingPathComponent("redis.log").path,
-        ]
-        switch transport {
-        case .unixSocket:
-            arguments += ["--port", "0"]
-            self.endpoint = RedisEndpoint(address: .unixSocket(path: self.socketPath))
-        case .tcp:
-            let port = try freeTCPPort()
-            arguments += ["--port", String(port), "--bind", "127.0.0.1"]
-            self.endpoint = RedisEndpoint(address: .tcp(host: "127.0.0.1", port: port))
+extension RedisTestServer {
+    /// Where the server listens: its TCP port if it has one, else its Unix socket.
+    var endpoint: RedisEndpoint {
+        if let port = self.tcpPort {
+            return RedisEndpoint(address: .tcp(host: "127.0.0.1", port: port))
         }
-        self.process.executableURL = URL(fileURLWithPath: executable)
-        self.process.arguments = arguments + extraArguments
-        self.process.standardOutput = FileHandle.nullDevice
-        self.process.standardError = FileHandle.nullDevice
-        try self.process.run()
-
-        // Kills the server if this test process goes away without stopping it.
-        self.watcher.executableURL = URL(fileURLWithPath: "/bin/sh")
-        self.watcher.arguments = [
-            "-c", "while kill -0 \(getpid()) 2>/dev/null; do sleep 0.5; done; kill -9 \(self.process.processIdentifier)",
-        ]
-        self.watcher.standardOutput = FileHandle.nullDevice
-        self.watcher.standardError = FileHandle.nullDevice
-        try? self.watcher.run()
-
-        // Ready when the socket accepts a connection (a few milliseconds; allow 10 s).
-        for _ in 0..<200 {
-            if let probe = try? BlockingRedisClient(path: self.socketPath) {
-                _ = probe
-                return
-            }
-            usleep(50_000)
-        }
-        self.stop()
-        throw TestFailure(description: "redis-server did not open \(self.socketPath) within 10 s")
-    }
-
-    deinit {
-        self.stop()
-    }
-
-    /// The server's process id (for `kill -STOP` / `-CONT` in tests).
-    var processIdentifier: Int32 { self.process.processIdentifier }
-
-    /// Kills the server (SIGKILL) and waits for it; idempotent.
-    func stop() {
-        guard !self.stopped else { return }
-        self.stopped = true
-        if self.process.isRunning {
-            kill(self.process.processIdentifier, SIGKILL)
-            self.process.waitUntilExit()
-        }
-        if self.watcher.isRunning {
-            kill(self.watcher.processIdentifier, SIGKILL)
-            self.watcher.waitUntilExit()
-        }
-        try? FileManager.default.removeItem(at: self.directory)
+        return RedisEndpoint(address: .unixSocket(path: self.socketPath))
     }
 
     /// A command connection to this server on the shared event loop group.
@@ -147,30 +67,6 @@ func withRedis<T>(
     let connection = try await server.connect(maximumOutstandingCommands: maximumOutstandingCommands)
     defer { _ = connection.close() }
     return try await body(server, connection)
-}
-
-/// A TCP port on 127.0.0.1 that was free a moment ago.
-func freeTCPPort() throws -> Int {
-    #if canImport(Glibc)
-    let fd = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
-    #else
-    let fd = socket(AF_INET, SOCK_STREAM, 0)
-    #endif
-    guard fd >= 0 else { throw TestFailure(description: "socket: errno \(errno)") }
-    defer { close(fd) }
-    var address = sockaddr_in()
-    address.sin_family = sa_family_t(AF_INET)
-    address.sin_addr.s_addr = inet_addr("127.0.0.1")
-    address.sin_port = 0
-    var length = socklen_t(MemoryLayout<sockaddr_in>.size)
-    let bound = withUnsafeMutablePointer(to: &address) {
-        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { pointer -> Int32 in
-            guard bind(fd, pointer, length) == 0 else { return -1 }
-            return getsockname(fd, pointer, &length)
-        }
-    }
-    guard bound == 0 else { throw TestFailure(description: "bind: errno \(errno)") }
-    return Int(UInt16(bigEndian: address.sin_port))
 }
 
 /// A blocking client on a Unix socket: encoded commands out, decoded replies in.
