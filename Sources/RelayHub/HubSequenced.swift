@@ -213,9 +213,12 @@ extension Hub {
     ///   read history when it reaches further back (a topic kept only for patterns holds little).
     /// - Otherwise (another epoch, or the same epoch further on than history can repair) each
     ///   exact subscriber is sent `{"op":"subscribed","topic":T,"epoch":E,"seq":S,"recovered":false}`
-    ///   and then the newest event, which tells a live client that the stream was reset and where
-    ///   it now stands. Pattern subscribers are sent the newest event only: a pattern has no epoch
-    ///   and no resume, and the newest event is what a pattern's snapshot would give it.
+    ///   and then every event of the new numbering the ring holds (the newest alone with
+    ///   `--history 0`), oldest first; S is the seq just before the first of them (the newest seq
+    ///   when none follows). That tells a live client that the stream was reset and where it now
+    ///   stands, and loses nothing Redis still has: after a Redis restart without data, the lines
+    ///   published before this relay read the topic arrive as seq 1, 2, ... of the new epoch.
+    ///   Pattern subscribers are sent the same events, without the frame (a pattern has no epoch).
     ///
     /// - Parameters:
     ///   - epoch: the topic's epoch in Redis.
@@ -288,17 +291,20 @@ extension Hub {
         return resetPlan(topic)
     }
 
-    /// The repeated `subscribed` (built once) for exact subscribers, then the newest event for
+    /// The repeated `subscribed` (built once) for exact subscribers, then the ring's events for
     /// every subscriber of the topic, exact or pattern, listed once: two runs per loop, so each
     /// frame is held once and an exact subscriber gets them in that order.
     private func resetPlan(_ topic: Topic) -> FanOut {
         let loops = configuration.loopCount
         var plan = [LoopPlan](repeating: LoopPlan(), count: loops)
         var deliveries = 0
+        var following = topic.history.all
+        if following.isEmpty, let newest = topic.newest { following = [newest] }
         let subscribed = topic.subscriberCount == 0
             ? nil
             : WebSocketText.subscribedFrame(
-                topic: topic.name, epoch: topic.epoch, seq: topic.seq, recovered: false, allocator: allocator)
+                topic: topic.name, epoch: topic.epoch, seq: topic.seq - UInt64(following.count), recovered: false,
+                allocator: allocator)
         let targets = self.targets(of: topic)
         for loop in 0..<loops {
             let exact = topic.subscribers[loop]
@@ -306,10 +312,11 @@ extension Hub {
                 plan[loop].append(subscribed, to: exact, continuingRun: false)
                 deliveries += exact.count
             }
-            if let newest = topic.newest, !targets[loop].isEmpty {
-                plan[loop].append(newest, to: targets[loop], continuingRun: false)
-                deliveries += targets[loop].count
+            guard !targets[loop].isEmpty else { continue }
+            for (index, frame) in following.enumerated() {
+                plan[loop].append(frame, to: targets[loop], continuingRun: index > 0)
             }
+            deliveries += targets[loop].count * following.count
         }
         return FanOut(loops: plan, deliveryCount: deliveries)
     }

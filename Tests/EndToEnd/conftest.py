@@ -9,6 +9,8 @@ When a test fails, the standard error of every relay it started is attached to i
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 import relaylib
@@ -22,6 +24,8 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _relay_registry():
     relaylib._STARTED.clear()
+    if "redislib" in sys.modules:
+        sys.modules["redislib"]._STARTED.clear()
     yield
     # cleanup happens in relay_factory; the list is read by the report hook
 
@@ -39,6 +43,10 @@ def pytest_runtest_makereport(item, call):
                 out = ""
             if out:
                 rep.sections.append((f"{r.name} stdout", out[-5000:]))
+        # redis-servers of the cluster tests (redislib), when that module is in use
+        redislib = sys.modules.get("redislib")
+        for s in getattr(redislib, "_STARTED", ()):
+            rep.sections.append((f"{s.name} log", s.log_tail()))
 
 
 @pytest.fixture

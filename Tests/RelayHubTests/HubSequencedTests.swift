@@ -570,19 +570,21 @@ struct HubSequencedResetTests {
         expectViolation(.otherEpoch) { () throws(SequenceViolation) in try hub.publishSequenced([e2Events[0]], now: 2) }
 
         let plan = try join(hub, &redis, "task:1", now: 3)
-        let subscribed = subscribedFrame("task:1", epoch: "E2", seq: 3)
+        // Every event of the new epoch follows (nothing Redis has is skipped), so the frame says 0.
+        let subscribed = subscribedFrame("task:1", epoch: "E2", seq: 0)
         let newest = eventFrame(seq: 3, object("task:1", 12))
+        let epoch2 = [eventFrame(seq: 1, object("task:1", 10)), eventFrame(seq: 2, object("task:1", 11)), newest]
         let got = received(plan)
-        #expect(got[a] == [subscribed, newest])
-        #expect(got[b] == [subscribed, newest])
-        #expect(got[both] == [subscribed, newest], "the newest once, though it holds a pattern too")
-        #expect(got[pattern] == [newest])
-        #expect(plan.deliveryCount == 3 + 4)
+        #expect(got[a] == [subscribed] + epoch2)
+        #expect(got[b] == [subscribed] + epoch2)
+        #expect(got[both] == [subscribed] + epoch2, "each event once, though it holds a pattern too")
+        #expect(got[pattern] == epoch2)
+        #expect(plan.deliveryCount == 3 + 4 * 3)
 
-        // Two runs per loop: subscribed to the exact subscribers, then the newest to everyone; each frame once.
+        // Two runs per loop: subscribed to the exact subscribers, then the events to everyone; each frame once.
         let loop0 = runs(plan.loops[0])
         #expect(loop0.map(\.subscribers) == [[a], [a, pattern]])
-        #expect(plan.loops[0].frames.count == 2)
+        #expect(plan.loops[0].frames.count == 4)
         let loop1 = runs(plan.loops[1])
         #expect(loop1.map { Set($0.subscribers) } == [[b, both], [b, both]])
         #expect(plan.loops[1].frames.map(address) == plan.loops[0].frames.map(address), "built once for every loop")
@@ -658,14 +660,31 @@ struct HubSequencedResetTests {
         let read = redis.read("t")
         #expect(read.events.first?.seq == 7, "seq 2 is no longer in Redis: no repair possible")
         let plan = try hub.resetTopic("t", epoch: read.epoch, newestSeq: read.seq, events: read.events, now: 2)
-        #expect(received(plan)[a] == [subscribedFrame("t", epoch: "E1", seq: 9), eventFrame(seq: 9, object("t", 9))])
+        // What Redis still has (7...9) follows; the frame says the stream stands at 6.
+        #expect(
+            received(plan)[a]
+                == [subscribedFrame("t", epoch: "E1", seq: 6)] + (7...9).map { eventFrame(seq: UInt64($0), object("t", $0)) })
         let resumed = try subscribe(hub, sub(0, 2), "t", resume: ResumePoint(epoch: "E1", since: 6))
         #expect(resumed.recovered)
         #expect(resumed.frames.map(bytes) == (7...9).map { eventFrame(seq: UInt64($0), object("t", $0)) })
         #expect(!(try subscribe(hub, sub(0, 3), "t", resume: ResumePoint(epoch: "E1", since: 1))).recovered)
     }
 
-    @Test("a reset of a topic that has only pattern subscribers sends them the newest event")
+    @Test("with --history 0 a reset sends the newest event, and the frame stands just before it")
+    func resetHistoryZero() throws {
+        var redis = FakeSequencer(historyLimit: 5)
+        let hub = makeClusterHub(historyLimit: 0)
+        let a = sub(0, 1)
+        try join(hub, &redis, "t")
+        try subscribe(hub, a, "t")
+        _ = try hub.publishSequenced([redis.publish("t", object("t", 1))], now: 1)
+        redis.restart(losingData: true)
+        for n in 2...4 { _ = redis.publish("t", object("t", n)) }
+        let plan = try join(hub, &redis, "t", now: 2)
+        #expect(received(plan)[a] == [subscribedFrame("t", epoch: "E2", seq: 2), eventFrame(seq: 3, object("t", 4))])
+    }
+
+    @Test("a reset of a topic that has only pattern subscribers sends them the new epoch's events")
     func resetPatternOnly() throws {
         var redis = FakeSequencer()
         let hub = makeClusterHub()

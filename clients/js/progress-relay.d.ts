@@ -63,13 +63,13 @@ export type SubscriptionStatus =
   | {
       /** The relay reset this live subscription's stream (cluster mode: Redis lost or may have
        * rolled back the topic, or a gap could not be repaired from history). The client now
-       * follows `epoch` from `seq`, and its next resume uses them; the topic's newest event
-       * (seq `seq`, when `seq > 0`) follows with `info.gap = true`. Events before it may have
-       * been missed, and seqs start again under a new epoch. The subscription stays. */
+       * follows `epoch` from `seq`, and its next resume uses them; the events the relay holds
+       * after `seq` follow, the first with `info.gap = true`. Events before them may have been
+       * missed, and seqs start again under a new epoch. The subscription stays. */
       status: 'reset';
       topic: string;
       epoch: string;
-      /** the topic's newest seq in the new numbering (0: the topic has no event any more) */
+      /** where the new numbering stands before the events that follow (0: from its start) */
       seq: number;
       recovered: false;
       /** the numbering the client followed until now (null if it had none) */

@@ -458,7 +458,7 @@ export class ProgressRelay {
         message.epoch = record.epoch;
         // The last seq delivered. Right after a renumbering whose newest event has not arrived
         // yet, the one before it, so that the relay sends that event.
-        message.since = record.gapPending && record.seq > 0 ? record.seq - 1 : record.seq;
+        message.since = record.gapPending && record.newestFollows && record.seq > 0 ? record.seq - 1 : record.seq;
         sub.resumed = true;
       }
     }
@@ -480,7 +480,7 @@ export class ProgressRelay {
       const record = this._record(frame.topic);
       // Another numbering: the relay lost its state or forgot the topic.
       const renumbered = record.epoch !== null ? record.epoch !== epoch : record.seq > seq;
-      if (renumbered && (record.seq > 0 || record.text !== null)) this._renumber(record, epoch, seq);
+      if (renumbered && (record.seq > 0 || record.text !== null)) this._renumber(record, epoch, seq, true);
       record.epoch = epoch;
     }
     const status = {
@@ -498,29 +498,31 @@ export class ProgressRelay {
   /**
    * The relay reset a live topic (cluster mode: Redis lost or may have rolled back the topic, or
    * a gap could not be repaired from history): its stream now stands at `epoch`, `seq`, and the
-   * topic's newest event (seq `seq`, when it has one) follows. The client takes that numbering,
-   * so that the next resume uses it, and tells the app.
+   * events of the new numbering the relay holds follow (seq `seq` + 1 onwards). The client takes
+   * that numbering, so that the next resume uses it, and tells the app.
    */
   _onReset(sub, epoch, seq) {
     if (sub.pattern || epoch === null) return; // a pattern has no numbering to reset
     const record = this._record(sub.key);
     const previousEpoch = record.epoch;
     const previousSeq = record.seq;
-    if (record.epoch !== epoch || record.seq !== seq) this._renumber(record, epoch, seq);
+    if (record.epoch !== epoch || record.seq !== seq) this._renumber(record, epoch, seq, false);
     const status = { status: 'reset', topic: sub.key, epoch, seq, recovered: false, previousEpoch, previousSeq };
     // A listener added later starts from the stream as it now stands.
     sub.lastStatus = { ...(sub.lastStatus || { status: 'subscribed', topic: sub.key, resumed: false }), epoch, seq, recovered: false };
     this._status(sub, status);
   }
 
-  /** The topic's numbering is now `epoch`, standing at `seq`: the next event is delivered (with
-   * `gap`) even at that seq, which is the newest event a renumbering announces; events of the
-   * old numbering are forgotten, so their seqs are no reason to drop the new ones. */
-  _renumber(record, epoch, seq) {
+  /** The topic's numbering is now `epoch`, standing at `seq`: the next event is delivered with
+   * `gap`; events of the old numbering are forgotten, so their seqs are no reason to drop the new
+   * ones. `newestFollows`: the answer to a subscribe, whose newest event (at `seq` itself)
+   * follows; a reset is followed by the events after `seq`. */
+  _renumber(record, epoch, seq, newestFollows) {
     record.epoch = epoch;
     record.seq = seq;
     record.text = null;
     record.gapPending = true;
+    record.newestFollows = newestFollows;
   }
 
   _onUnsubscribed(frame) {
@@ -563,7 +565,7 @@ export class ProgressRelay {
     if (record.seq > 0 || record.gapPending) {
       // After a renumbering (a new epoch, or a reset), the first event may carry the seq the
       // relay announced: the topic's newest event, not a repeat.
-      const announced = record.gapPending && seq === record.seq;
+      const announced = record.gapPending && record.newestFollows && seq === record.seq;
       if (seq <= record.seq && !announced) {
         // Seen already, unless the numbering started again. With the topic's epoch known
         // (a topic subscription) that would have come with a new epoch; through a pattern

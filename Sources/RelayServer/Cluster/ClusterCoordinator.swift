@@ -138,6 +138,7 @@ final class ClusterCoordinator {
     private var refreshing = false
     private var sweeping = false
     private var badMessagesLogged = 0
+    private let allocator = ByteBufferAllocator()
 
     private init(
         loop: any EventLoop, hub: Hub, outlet: SubscriberLoops, setup: ClusterSetup, publisher: ClusterPublisher,
@@ -211,10 +212,19 @@ final class ClusterCoordinator {
     /// Queues accepted lines for Redis, in the order read. Returns a future to stop reading
     /// emitters until when the queue is full.
     func enqueue(_ events: [IncomingEvent]) -> EventLoopFuture<Void>? {
+        // The lines are slices of the ingest's read buffers, which a queued slice would keep alive
+        // whole (a 200-byte line pinned up to 64 KiB: 50 times the queue's byte count in RSS,
+        // seen at 10,000 topics). One compact copy per batch keeps memory at what is queued.
+        var compact = allocator.buffer(capacity: events.reduce(0) { $0 + $1.object.readableBytes })
+        for event in events { compact.writeImmutableBuffer(event.object) }
         var pause: EventLoopFuture<Void>?
         var refused = 0
+        var offset = compact.readerIndex
         for event in events {
-            switch publisher.enqueue(topic: event.topic, line: event.object) {
+            let length = event.object.readableBytes
+            let line = compact.getSlice(at: offset, length: length)!
+            offset += length
+            switch publisher.enqueue(topic: event.topic, line: line) {
             case .keepReading: break
             case .pause(let until): pause = until
             case .refused: refused += 1
