@@ -324,6 +324,9 @@ final class ClusterCoordinator {
         if let resume = pending.resume, resume.epoch == position.epoch, resume.since > position.seq {
             nextWaiter += 1
             catchingUp[nextWaiter] = pending
+            logger.debug(
+                "a resume is ahead of this relay; waiting for it to catch up",
+                metadata: ["topic": "\(pending.name)", "since": "\(resume.since)", "at": "\(position)"])
             run(follower.waitFor(pending.name, waiter: nextWaiter, epoch: resume.epoch, seq: resume.since, now: Monotonic.now))
             return
         }
