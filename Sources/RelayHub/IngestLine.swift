@@ -35,6 +35,7 @@ public enum IngestLineError: String, Error, Sendable, Equatable {
     case duplicateField = "duplicate_field"   // topic or type given twice
     case reservedField = "reserved_field"     // seq or op present
     case tooLong = "line_too_long"            // used by the caller, never returned by parse
+    case forbiddenTopic = "forbidden_topic"   // used by the caller: no --publish-grant covers the topic
 }
 
 /// A validated ingest line: where the object is within the line, and its routing fields.

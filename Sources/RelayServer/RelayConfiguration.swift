@@ -31,6 +31,9 @@ public struct RelayConfiguration: Sendable {
     public var ingestBudgetBytes: Int
     /// Cluster mode (`--redis`): Redis numbers events, and relays sharing it act as one.
     public var cluster: ClusterSettings?
+    /// `--publish-grant`: which topics each emitter connection may publish to, by the uid and
+    /// groups the kernel reports for it. nil (no grant given): every topic, as before.
+    public var publishPolicy: PublishPolicy?
 
     public init(
         socketPath: String = "/run/progress.sock",
@@ -49,7 +52,8 @@ public struct RelayConfiguration: Sendable {
         hub: HubConfiguration = HubConfiguration(),
         threads: Int = System.coreCount,
         ingestBudgetBytes: Int = 16 * 1024 * 1024,
-        cluster: ClusterSettings? = nil
+        cluster: ClusterSettings? = nil,
+        publishPolicy: PublishPolicy? = nil
     ) {
         self.socketPath = socketPath
         self.socketMode = socketMode
@@ -68,5 +72,6 @@ public struct RelayConfiguration: Sendable {
         self.threads = threads
         self.ingestBudgetBytes = ingestBudgetBytes
         self.cluster = cluster
+        self.publishPolicy = publishPolicy
     }
 }

@@ -37,7 +37,7 @@ public final class RelayMetrics: Sendable {
     public init() {
         let reasons: [IngestLineError] = [
             .invalidUTF8, .invalidJSON, .notObject, .missingTopic, .invalidTopic, .invalidType,
-            .duplicateField, .reservedField, .tooLong,
+            .duplicateField, .reservedField, .tooLong, .forbiddenTopic,
         ]
         rejectedCounters = Dictionary(
             uniqueKeysWithValues: reasons.map {

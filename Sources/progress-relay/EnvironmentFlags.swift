@@ -3,7 +3,7 @@
 // swift-argument-parser reads only the command line, so the environment is
 // turned into flags before parsing: a variable is used only when its flag is
 // absent from the command line (the command line wins), and a repeatable
-// flag's variable holds a comma-separated list.
+// flag's variable holds a comma- (or newline-) separated list.
 
 import Foundation
 
@@ -13,7 +13,7 @@ enum EnvironmentFlags {
     private static let flags: [String: [(name: String, kind: Kind)]] = [
         "serve": [
             ("socket", .single), ("socket-mode", .single), ("listen", .single), ("jwt-secret-file", .single),
-            ("jwt-public-key-file", .single), ("grant", .repeatable), ("allow-origin", .repeatable),
+            ("jwt-public-key-file", .single), ("grant", .repeatable), ("publish-grant", .repeatable), ("allow-origin", .repeatable),
             ("history", .single), ("max-event-bytes", .single), ("max-outbound-bytes", .single),
             ("max-inflight-bytes", .single),
             ("ping-interval", .single), ("state-file", .single), ("max-topics", .single),
@@ -42,7 +42,7 @@ enum EnvironmentFlags {
             case .single:
                 result += ["--" + name, value]
             case .repeatable:
-                for item in value.split(separator: ",") where !item.trimmingCharacters(in: .whitespaces).isEmpty {
+                for item in value.split(whereSeparator: { $0 == "," || $0 == "\n" || $0 == "\r\n" }) where !item.trimmingCharacters(in: .whitespaces).isEmpty {
                     result += ["--" + name, item.trimmingCharacters(in: .whitespaces)]
                 }
             case .toggle:

@@ -39,6 +39,14 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(name: .customLong("grant"), help: "Topic pattern every valid token is granted; {sub} is the token's sub (repeatable).")
     var grants: [String] = []
 
+    @Option(
+        name: .customLong("publish-grant"),
+        help: """
+            WHO=PATTERN: emitters connecting as WHO (uid:N, user:NAME, gid:N, group:NAME or *) may publish \
+            to PATTERN ({uid} and {user} allowed); with any, other topics are refused (repeatable).
+            """)
+    var publishGrants: [String] = []
+
     @Option(name: .customLong("allow-origin"), help: "Browser origin allowed to connect (repeatable; default any).")
     var allowOrigins: [String] = []
 
@@ -251,6 +259,17 @@ struct ServeCommand: AsyncParsableCommand {
             }
             templates.append(template)
         }
+        // Names are resolved here, once, before anything serves (NSS may block; no loop runs yet).
+        var publishRules = [PublishGrantRule]()
+        for value in publishGrants {
+            do {
+                let spec = try PublishGrantSpec(parsing: value)
+                publishRules.append(
+                    try spec.resolved(uidOfUser: SystemAccounts.uid(ofUser:), gidOfGroup: SystemAccounts.gid(ofGroup:)))
+            } catch {
+                throw CLIError.usage("--publish-grant \(value): \(error)")
+            }
+        }
         for (flag, value, minimum) in [
             ("--history", history, 0), ("--max-event-bytes", maxEventBytes, 16), ("--max-outbound-bytes", maxOutboundBytes, 1024),
             ("--max-inflight-bytes", maxInflightBytes, 1024),
@@ -278,7 +297,8 @@ struct ServeCommand: AsyncParsableCommand {
             hub: HubConfiguration(
                 historyLimit: history, maxTopics: maxTopics, topicTTL: UInt64(topicTTL * 1e9)),
             ingestBudgetBytes: maxInflightBytes,
-            cluster: try clusterSettings(port: port))
+            cluster: try clusterSettings(port: port),
+            publishPolicy: publishRules.isEmpty ? nil : PublishPolicy(rules: publishRules))
         return Settings(configuration: configuration, templates: templates, logLevel: level)
     }
 

@@ -114,6 +114,10 @@ final class IngestHandler: ChannelDuplexHandler {
         let result = line.withUnsafeReadableBytes { IngestLineParser.parse($0) }
         switch result {
         case .success(let parsed):
+            // `--publish-grant`: the connection's grants were computed when it was accepted.
+            if let grants = peer.grants, !grants.covers(parsed.topic) {
+                return reject(.forbiddenTopic, context: context, topic: parsed.topic)
+            }
             let object = line.getSlice(at: line.readerIndex + parsed.objectStart, length: parsed.objectEnd - parsed.objectStart)!
             batch.append(IncomingEvent(topic: parsed.topic, object: object))
             batchBytes += object.readableBytes
@@ -124,15 +128,15 @@ final class IngestHandler: ChannelDuplexHandler {
         }
     }
 
-    private func reject(_ reason: IngestLineError, context: ChannelHandlerContext) {
+    private func reject(_ reason: IngestLineError, context: ChannelHandlerContext, topic: String? = nil) {
         environment.metrics.eventRejected(reason)
         if rejectionsLogged < 100 {
             rejectionsLogged += 1
-            environment.logger.info(
-                "rejected ingest line",
-                metadata: [
-                    "reason": "\(reason.rawValue)", "line": "\(lineNumber)", "pid": "\(peer.pid)", "uid": "\(peer.uid)",
-                ])
+            var metadata: Logger.Metadata = [
+                "reason": "\(reason.rawValue)", "line": "\(lineNumber)", "pid": "\(peer.pid)", "uid": "\(peer.uid)",
+            ]
+            if let topic { metadata["topic"] = "\(topic)" }
+            environment.logger.info("rejected ingest line", metadata: metadata)
             if rejectionsLogged == 100 {
                 environment.logger.notice("further rejected lines on this connection are not logged", metadata: ["pid": "\(peer.pid)"])
             }

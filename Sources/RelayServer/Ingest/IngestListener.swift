@@ -17,19 +17,31 @@ import Logging
 import NIOConcurrencyHelpers
 import NIOCore
 import NIOPosix
+import RelayHub
 
-/// The process that wrote to an ingest connection, from `SO_PEERCRED`.
+/// Who connected to an ingest connection, from `SO_PEERCRED` and `SO_PEERGROUPS`: the
+/// credentials of the process that called `connect()`, captured by the kernel then (a descriptor
+/// handed on keeps them). The pid is for logs only: it may be reused, or be a parent's.
 struct PeerCredentials: Sendable, CustomStringConvertible {
     var pid: Int32
     var uid: UInt32
+    var gid: UInt32 = UInt32.max
+    /// Supplementary groups, read only when a `--publish-grant` names a group; nil otherwise or
+    /// when the kernel would not give them.
+    var groups: [UInt32]? = nil
+    /// The topics this connection may publish to, computed once when it is accepted; nil without
+    /// `--publish-grant` (every topic).
+    var grants: GrantSet? = nil
 
-    var description: String { "pid \(pid) uid \(uid)" }
+    var description: String { "pid \(pid) uid \(uid) gid \(gid)" }
 }
 
 public enum IngestSocketError: Error, CustomStringConvertible {
     case pathTooLong(String)
     case inUse(String)
     case notASocket(String)
+    /// What is at the path right after `bind` is not the socket this process made.
+    case replacedWhileBinding(String)
     /// The socket file answers with an error other than "nobody listens": it may be live and
     /// another user's, so it is left alone.
     case cannotProbe(String, Int32)
@@ -41,6 +53,8 @@ public enum IngestSocketError: Error, CustomStringConvertible {
             return "--socket \(path): path is too long for a Unix socket (at most 107 bytes)"
         case .inUse(let path): return "--socket \(path): another process is already listening there (is a relay running?)"
         case .notASocket(let path): return "--socket \(path): exists and is not a socket; refusing to replace it"
+        case .replacedWhileBinding(let path):
+            return "--socket \(path): the file was replaced while the relay bound it; refusing to set its mode"
         case .cannotProbe(let path, let code):
             return "--socket \(path): in use by someone else or not reachable (\(String(cString: strerror(code)))); refusing to replace it"
         case .system(let call, let path, let code):
@@ -60,14 +74,9 @@ final class IngestListener: Sendable {
     private let acceptor: Acceptor
     private let connections = NIOLockedValueBox<[ObjectIdentifier: (descriptor: CInt, channel: any Channel)]>([:])
 
-    private init(descriptor: CInt, path: String?) throws {
+    private init(descriptor: CInt, path: String?, boundFile: (device: UInt64, inode: UInt64)? = nil) throws {
         self.path = path
-        if let path {
-            var status = stat()
-            boundFile = stat(path, &status) == 0 ? (UInt64(status.st_dev), UInt64(status.st_ino)) : nil
-        } else {
-            boundFile = nil
-        }
+        self.boundFile = boundFile
         acceptor = try Acceptor(descriptor: descriptor, name: "ingest-accept")
     }
 
@@ -96,13 +105,36 @@ final class IngestListener: Sendable {
             close(fd)
             throw IngestSocketError.system("bind", path, code)
         }
-        guard chmod(path, mode_t(mode)) == 0, listen(fd, 4096) == 0 else {
+        // The mode goes only to the socket just bound: `lstat` must show a socket of ours (a
+        // symbolic link swapped in is not followed), and `fchmodat(AT_SYMLINK_NOFOLLOW)` changes
+        // the file it opened without following a link either, so a link's target never gets it.
+        var made = stat()
+        guard lstat(path, &made) == 0, (made.st_mode & S_IFMT) == S_IFSOCK, made.st_uid == geteuid() else {
+            close(fd)
+            throw IngestSocketError.replacedWhileBinding(path)
+        }
+        let madeFile = (device: UInt64(made.st_dev), inode: UInt64(made.st_ino))
+        guard fchmodat(AT_FDCWD, path, mode_t(mode), AT_SYMLINK_NOFOLLOW) == 0 else {
             let code = errno
             close(fd)
-            unlink(path)
+            unlinkIfStillSocket(path, madeFile)
+            throw IngestSocketError.system("setting the socket's mode: fchmodat", path, code)
+        }
+        guard listen(fd, 4096) == 0 else {
+            let code = errno
+            close(fd)
+            unlinkIfStillSocket(path, madeFile)
             throw IngestSocketError.system("listen", path, code)
         }
-        return try IngestListener(descriptor: fd, path: path)
+        return try IngestListener(descriptor: fd, path: path, boundFile: madeFile)
+    }
+
+    /// Removes `path` only when it is still the socket file with that device and inode.
+    private static func unlinkIfStillSocket(_ path: String, _ file: (device: UInt64, inode: UInt64)) {
+        var status = stat()
+        if lstat(path, &status) == 0, UInt64(status.st_dev) == file.device, UInt64(status.st_ino) == file.inode {
+            unlink(path)
+        }
     }
 
     /// Uses a listening socket handed over by systemd; it is never closed or unlinked here.
@@ -127,49 +159,136 @@ final class IngestListener: Sendable {
 
     // MARK: Accepting
 
-    /// Starts accepting; `configure` sets up each accepted connection's pipeline.
+    /// Starts accepting; `configure` sets up each accepted connection's pipeline. With a
+    /// `publishPolicy` (`--publish-grant`), each connection's grants are computed before its
+    /// channel exists, so before its first line is read.
     func start(
-        group: any EventLoopGroup, logger: Logger,
+        group: any EventLoopGroup, logger: Logger, publishPolicy: PublishPolicy? = nil,
         configure: @escaping @Sendable (any Channel, PeerCredentials) -> EventLoopFuture<Void>
     ) {
+        let userNames = publishPolicy?.needsUserName == true ? UserNameCache() : nil
+        if publishPolicy != nil, let maps = Self.partialIDMaps() {
+            logger.warning(
+                "the relay runs in a user namespace that does not map every id: emitters' uids and groups outside it are seen as 65534 (nobody), and publish grants naming them never match (systemd: PrivateUsers=no)",
+                metadata: ["maps": "\(maps)"])
+        }
         // A bound socket is closed at shutdown, so what waits in its backlog is accepted and
         // drained first; an adopted one stays open and keeps its backlog for the next process.
         acceptor.start(logger: logger, acceptingPendingOnStop: path != nil) { [self] connection in
-            let credentials = Self.credentials(of: connection)
-            return ClientBootstrap(group: group)
-                .channelOption(.allowRemoteHalfClosure, value: true)
-                .channelOption(.maxMessagesPerRead, value: 16)
-                .channelOption(
-                    .recvAllocator,
-                    value: AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 16 * 1024, maximum: 256 * 1024)
-                )
-                .channelInitializer { channel in configure(channel, credentials) }
-                .withConnectedSocket(connection)
-                .map { channel in
-                    self.track(channel, descriptor: connection)
-                }
-                .recover { error in
-                    logger.warning("could not serve an emitter connection", metadata: ["error": "\(error)"])
+            var credentials = Self.credentials(of: connection)
+            guard let publishPolicy else {
+                return serve(connection, credentials: credentials, group: group, logger: logger, configure: configure)
+            }
+            if publishPolicy.needsGroups { credentials.groups = groups(of: connection, credentials: credentials, logger: logger) }
+            let identity = PublisherIdentity(uid: credentials.uid, gid: credentials.gid, groups: credentials.groups)
+            guard let userNames, credentials.uid != UInt32.max else {
+                credentials.grants = publishPolicy.grants(for: identity)
+                return serve(connection, credentials: credentials, group: group, logger: logger, configure: configure)
+            }
+            // `{user}`: the uid's name, from the cache or looked up on the thread pool (NSS may
+            // block), never on an event loop and never on this accept thread.
+            let loop = group.next()
+            let peer = credentials
+            return userNames.name(of: peer.uid, on: loop)
+                .recover { _ in nil }
+                .flatMap { [self] name in
+                    var identity = identity
+                    identity.userName = name
+                    var credentials = peer
+                    credentials.grants = publishPolicy.grants(for: identity)
+                    return serve(connection, credentials: credentials, group: group, logger: logger, configure: configure)
                 }
         }
     }
 
-    /// `struct ucred` from <sys/socket.h>, which Glibc's module leaves out (it needs _GNU_SOURCE).
+    private func serve(
+        _ connection: CInt, credentials: PeerCredentials, group: any EventLoopGroup, logger: Logger,
+        configure: @escaping @Sendable (any Channel, PeerCredentials) -> EventLoopFuture<Void>
+    ) -> EventLoopFuture<Void> {
+        ClientBootstrap(group: group)
+            .channelOption(.allowRemoteHalfClosure, value: true)
+            .channelOption(.maxMessagesPerRead, value: 16)
+            .channelOption(
+                .recvAllocator,
+                value: AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 16 * 1024, maximum: 256 * 1024)
+            )
+            .channelInitializer { channel in configure(channel, credentials) }
+            .withConnectedSocket(connection)
+            .map { channel in
+                self.track(channel, descriptor: connection)
+            }
+            .recover { error in
+                logger.warning("could not serve an emitter connection", metadata: ["error": "\(error)"])
+            }
+    }
+
+    /// The relay's uid and gid maps when they are not the whole identity map (a container, a
+    /// systemd `PrivateUsers=yes` unit): the kernel reports peers in the relay's own namespace.
+    private static func partialIDMaps() -> String? {
+        var maps = [String]()
+        for file in ["/proc/self/uid_map", "/proc/self/gid_map"] {
+            guard let text = try? String(contentsOfFile: file, encoding: .utf8) else { continue }
+            let lines = text.split(separator: "\n").map { $0.split(separator: " ").joined(separator: " ") }
+            if lines != ["0 0 4294967295"] { maps.append("\((file as NSString).lastPathComponent): \(lines.joined(separator: "; "))") }
+        }
+        return maps.isEmpty ? nil : maps.joined(separator: ", ")
+    }
+
+    /// `struct ucred` from <sys/socket.h> (pid_t, uid_t, gid_t), which Glibc's module leaves out
+    /// (it needs _GNU_SOURCE); `SO_PEERCRED` itself comes from the headers.
     private struct UCred {
         var pid: Int32 = 0
         var uid: UInt32 = 0
         var gid: UInt32 = 0
     }
 
-    private static let peerCredentialsOption: Int32 = 17  // SO_PEERCRED on Linux
-
+    /// The connecting process's pid, uid and gid; uid and gid `UInt32.max` (no one) when unknown.
+    /// The descriptor is at hand here, so `getsockopt` is called on it directly (NIO's
+    /// `unsafeGetSocketOption` would need the channel, and drops the length the kernel returns).
     private static func credentials(of fd: CInt) -> PeerCredentials {
         var credentials = UCred()
         var length = socklen_t(MemoryLayout<UCred>.size)
-        guard getsockopt(fd, SOL_SOCKET, peerCredentialsOption, &credentials, &length) == 0 else {
+        guard getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &credentials, &length) == 0,
+            Int(length) == MemoryLayout<UCred>.size
+        else {
             return PeerCredentials(pid: -1, uid: UInt32.max)
         }
-        return PeerCredentials(pid: credentials.pid, uid: credentials.uid)
+        return PeerCredentials(pid: credentials.pid, uid: credentials.uid, gid: credentials.gid)
+    }
+
+    /// Logged once per process: a connection whose supplementary groups could not be read.
+    private let groupsWarned = NIOLockedValueBox(false)
+
+    /// The supplementary groups of the connecting process (`SO_PEERGROUPS`, Linux 4.13+), exactly
+    /// as many as the kernel reports (`getsockopt` returns the length, so no zero slot is taken for
+    /// gid 0). 256 fit at first; on ERANGE the kernel says how many there are and the call is made
+    /// once more with room for them. nil, with a warning logged once, when they cannot be read:
+    /// then no group grant applies to that connection.
+    private func groups(of fd: CInt, credentials: PeerCredentials, logger: Logger) -> [UInt32]? {
+        var capacity = 256
+        var code: Int32 = 0
+        for _ in 0..<2 {
+            var groups = [UInt32](repeating: 0, count: capacity)
+            var length = socklen_t(capacity * MemoryLayout<UInt32>.size)
+            let result = groups.withUnsafeMutableBytes { getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, $0.baseAddress, &length) }
+            if result == 0 {
+                return Array(groups.prefix(min(capacity, Int(length) / MemoryLayout<UInt32>.size)))
+            }
+            code = errno
+            let needed = Int(length) / MemoryLayout<UInt32>.size
+            guard code == ERANGE, needed > capacity, needed <= 65536 else { break }
+            capacity = needed
+        }
+        let first = groupsWarned.withLockedValue { warned in
+            defer { warned = true }
+            return !warned
+        }
+        if first {
+            logger.warning(
+                "cannot read an emitter's supplementary groups: group grants do not apply to such connections (logged once)",
+                metadata: ["pid": "\(credentials.pid)", "uid": "\(credentials.uid)", "error": "\(String(cString: strerror(code)))"])
+        }
+        return nil
     }
 
     private func track(_ channel: any Channel, descriptor: CInt) {
@@ -192,7 +311,7 @@ final class IngestListener: Sendable {
         // land in a backlog about to be closed.
         if let path {
             var status = stat()
-            if let boundFile, stat(path, &status) == 0, UInt64(status.st_dev) == boundFile.device,
+            if let boundFile, lstat(path, &status) == 0, UInt64(status.st_dev) == boundFile.device,
                 UInt64(status.st_ino) == boundFile.inode
             {
                 unlink(path)

@@ -186,6 +186,7 @@ class Emitter:
         self._dropped = 0
         self._invalid = 0
         self._rejected = 0
+        self._forbidden_logged = False
         self._connections = 0
         self._warned_closed = False
         self._warned_converted = False
@@ -682,6 +683,18 @@ class Emitter:
             if lineno == n:
                 topic = t
                 break
+        if reason == "forbidden_topic":
+            # The relay's --publish-grant gives this process's uid and groups no such topic: every
+            # event of it will be refused the same way, so it is said once (then at DEBUG).
+            if self._forbidden_logged:
+                logger.debug("progress-relay: the relay refused topic %r from this process "
+                             "(forbidden_topic, line %s of the connection)", topic, n)
+                return
+            self._forbidden_logged = True
+            logger.error("progress-relay: the relay refuses topic %r from this process: no "
+                         "--publish-grant of the relay covers it for this process's uid and "
+                         "groups (forbidden_topic; further refusals are logged at DEBUG)", topic)
+            return
         logger.error("progress-relay: the relay rejected an event for topic %r: %s (line %s of "
                      "the connection)", topic, reason, n)
 
