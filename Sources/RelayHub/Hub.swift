@@ -63,6 +63,11 @@ public struct FanOut: Sendable {
     public var loops: [LoopPlan]
     /// Frames written to subscribers in total (for metrics).
     public var deliveryCount: Int
+
+    public init(loops: [LoopPlan], deliveryCount: Int) {
+        self.loops = loops
+        self.deliveryCount = deliveryCount
+    }
 }
 
 /// Where a subscriber resumes from.

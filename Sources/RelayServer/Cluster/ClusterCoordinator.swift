@@ -132,8 +132,9 @@ final class ClusterCoordinator {
     /// Topics whose channel the follower wants subscribed.
     private var channels = Set<String>()
 
-    /// Fan-out of the messages handled in this turn of the loop, sent together.
-    private var pendingPlan: FanOut?
+    /// Fan-out of the messages handled in this turn of the loop, sent together (empty: none).
+    private var pendingLoops: [LoopPlan] = []
+    private var pendingDeliveries = 0
     private var timers: [RepeatedTask] = []
     private var refreshing = false
     private var sweeping = false
@@ -438,20 +439,23 @@ final class ClusterCoordinator {
     /// Merges a plan into this turn's, sent once the loop has handled every message it read.
     private func schedule(_ plan: FanOut) {
         guard plan.deliveryCount > 0 else { return }
-        if var pending = pendingPlan {
-            for index in pending.loops.indices { pending.loops[index].append(contentsOf: plan.loops[index]) }
-            pending.deliveryCount += plan.deliveryCount
-            pendingPlan = pending
+        if pendingLoops.isEmpty {
+            pendingLoops = plan.loops
+            pendingDeliveries = plan.deliveryCount
+            let cell = self.cell
+            loop.execute { cell.value?.flushDeliveries() }
             return
         }
-        pendingPlan = plan
-        let cell = self.cell
-        loop.execute { cell.value?.flushDeliveries() }
+        // In place: a copy of the merged plan per message made each turn quadratic.
+        for index in pendingLoops.indices { pendingLoops[index].append(contentsOf: plan.loops[index]) }
+        pendingDeliveries += plan.deliveryCount
     }
 
     private func flushDeliveries() {
-        guard let plan = pendingPlan else { return }
-        pendingPlan = nil
+        guard !pendingLoops.isEmpty else { return }
+        let plan = FanOut(loops: pendingLoops, deliveryCount: pendingDeliveries)
+        pendingLoops = []
+        pendingDeliveries = 0
         outlet.deliver(plan)
     }
 
