@@ -177,15 +177,27 @@ public final class Relay: Sendable {
         let routes = HTTPRoutes(
             origins: OriginPolicy(allowed: configuration.allowedOrigins), metricsText: metricsText,
             statsJSON: { driver.refreshCounts().map { metrics.statsJSON } },
-            readiness: { driver.readiness() })
+            readiness: { driver.readiness() },
+            tickets: TicketStore(), verifier: verifier, logger: logger)
         let upgrader = WebSocketUpgrader(
             maxFrameSize: configuration.maxClientMessageBytes,
             accepts: { head in RequestTarget(head.uri).path == "/ws" && routes.originAllowed(head) },
-            installSubscriber: { channel, head in
+            redeemTicket: { head in routes.redeemTicket(head) },
+            installSubscriber: { channel, head, ticket in
                 let target = RequestTarget(head.uri)
-                let token = target.values("token").first ?? Self.bearerToken(head.headers)
                 let topics = target.values("topic")
-                return channel.eventLoop.makeFutureWithTask { await verifier.verify(token) }
+                // Where the token comes from, best first: the subprotocol `bearer.<JWT>`, a ticket
+                // (verified when it was issued), `?token=`, `Authorization: Bearer`.
+                let authenticated: EventLoopFuture<Result<Principal, TokenError>>
+                if let bearer = OfferedSubprotocols(head.headers).bearerTokens.first {
+                    authenticated = channel.eventLoop.makeFutureWithTask { await verifier.verify(bearer) }
+                } else if let ticket {
+                    authenticated = channel.eventLoop.makeSucceededFuture(ticket)
+                } else {
+                    let token = target.values("token").first ?? Self.bearerToken(head.headers)
+                    authenticated = channel.eventLoop.makeFutureWithTask { await verifier.verify(token) }
+                }
+                return authenticated
                     .flatMapThrowing { result in
                         try channel.pipeline.syncOperations.addHandler(
                             SubscriberHandler(environment: subscriberEnvironment, authentication: result, urlTopics: topics))

@@ -20,6 +20,7 @@ public final class RelayMetrics: Sendable {
     private let ingestPaused = Atomic<Int>(0)
     private let hubTopics = Atomic<Int>(0)
     private let hubSubscriptions = Atomic<Int>(0)
+    private let keys = Atomic<Int>(0)
 
     private let emitterGauge = Gauge(label: "progress_relay_connections", dimensions: [("kind", "emitter")])
     private let subscriberGauge = Gauge(label: "progress_relay_connections", dimensions: [("kind", "subscriber")])
@@ -43,7 +44,8 @@ public final class RelayMetrics: Sendable {
             uniqueKeysWithValues: reasons.map {
                 ($0.rawValue, Counter(label: "progress_relay_events_rejected_total", dimensions: [("reason", $0.rawValue)]))
             })
-        let authReasons = ["missing", "malformed", "algorithm", "signature", "expired", "not_yet_valid", "no_subject", "forbidden"]
+        let authReasons = ["missing", "malformed", "algorithm", "signature", "expired", "not_yet_valid", "no_subject", "forbidden", "ticket",
+            "too_large", "header", "kid", "audience", "issuer", "no_expiry"]
         authCounters = Dictionary(
             uniqueKeysWithValues: authReasons.map {
                 ($0, Counter(label: "progress_relay_auth_failure_closes_total", dimensions: [("reason", $0)]))
@@ -122,8 +124,14 @@ public final class RelayMetrics: Sendable {
             ("auth_failure_closes", authFailed.load(ordering: .relaxed)),
             ("ingest_answers_dropped", answersDropped.load(ordering: .relaxed)),
             ("ingest_paused", ingestPaused.load(ordering: .relaxed)),
+            ("keys", keys.load(ordering: .relaxed)),
         ]
         return "{" + fields.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",") + "}"
+    }
+
+    /// How many token keys the relay holds (`/stats` "keys"), set at start and on every reload.
+    public func setKeyCount(_ count: Int) {
+        keys.store(count, ordering: .relaxed)
     }
 
     var subscriberCount: Int { subscribers.load(ordering: .relaxed) }

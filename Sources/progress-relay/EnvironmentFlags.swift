@@ -12,8 +12,9 @@ enum EnvironmentFlags {
 
     private static let flags: [String: [(name: String, kind: Kind)]] = [
         "serve": [
-            ("socket", .single), ("socket-mode", .single), ("listen", .single), ("jwt-secret-file", .single),
-            ("jwt-public-key-file", .single), ("grant", .repeatable), ("publish-grant", .repeatable), ("allow-origin", .repeatable),
+            ("socket", .single), ("socket-mode", .single), ("listen", .single), ("jwt-secret-file", .repeatable),
+            ("jwt-public-key-file", .repeatable), ("jwt-kid", .repeatable), ("jwt-audience", .single), ("jwt-issuer", .single),
+            ("jwt-leeway", .single), ("grant", .repeatable), ("publish-grant", .repeatable), ("allow-origin", .repeatable),
             ("history", .single), ("max-event-bytes", .single), ("max-outbound-bytes", .single),
             ("max-inflight-bytes", .single),
             ("ping-interval", .single), ("state-file", .single), ("max-topics", .single),

@@ -30,11 +30,31 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(help: "HTTP and WebSocket listener, HOST:PORT.")
     var listen: String = "127.0.0.1:8765"
 
-    @Option(name: .customLong("jwt-secret-file"), help: "HMAC secret for HS256/HS384/HS512 tokens.")
-    var jwtSecretFile: String?
+    @Option(
+        name: .customLong("jwt-secret-file"),
+        help: "HMAC secret (at least 32 bytes) for HS256/HS384/HS512 tokens; twice while rotating (new and retiring key).")
+    var jwtSecretFiles: [String] = []
 
-    @Option(name: .customLong("jwt-public-key-file"), help: "PEM public key for RS256, ES256 or EdDSA tokens.")
-    var jwtPublicKeyFile: String?
+    @Option(
+        name: .customLong("jwt-public-key-file"),
+        help: "PEM public key for RS256, ES256 or EdDSA tokens; twice while rotating (new and retiring key).")
+    var jwtPublicKeyFiles: [String] = []
+
+    @Option(
+        name: .customLong("jwt-kid"),
+        help: "FILE=KID: the kid of a key file (default: its file name without extension) (repeatable).")
+    var jwtKids: [String] = []
+
+    @Option(name: .customLong("jwt-audience"), help: "When set, a token's aud must name it (e.g. progress-relay).")
+    var jwtAudience: String?
+
+    @Option(name: .customLong("jwt-issuer"), help: "When set, a token's iss must be it.")
+    var jwtIssuer: String?
+
+    @Option(
+        name: .customLong("jwt-leeway"), parsing: .unconditional,
+        help: "Seconds of clock skew allowed on exp, nbf and iat (0 to 300).")
+    var jwtLeeway: Int = 0
 
     @Option(name: .customLong("grant"), help: "Topic pattern every valid token is granted; {sub} is the token's sub (repeatable).")
     var grants: [String] = []
@@ -126,27 +146,24 @@ struct ServeCommand: AsyncParsableCommand {
         MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
         raiseOpenFilesLimit(logger: logger)
 
-        let key: VerificationKey
+        let keys: [ConfiguredKey]
         var mintingSecret: [UInt8]?
-        if let secretFile = jwtSecretFile {
-            key = .secret(try SecretFile.read(secretFile, flag: "--jwt-secret-file"))
-            if dev { mintingSecret = try SecretFile.read(secretFile, flag: "--jwt-secret-file") }
-        } else if let keyFile = jwtPublicKeyFile {
-            let pem = try KeyFile.read(keyFile, flag: "--jwt-public-key-file")
-            key = .publicKeyPEM(String(decoding: pem, as: UTF8.self))
-        } else {
+        if settings.keyFiles.files.isEmpty {
             let secret = DevMode.randomSecret()
             mintingSecret = secret
-            key = .secret(secret)
+            keys = [ConfiguredKey(id: "dev", key: .secret(secret))]
+        } else {
+            keys = try await settings.keyFiles.verifierKeys()
+            if dev, case .secret(let secret) = keys[0].key { mintingSecret = secret }
         }
         let verifier: TokenVerifier
         do {
-            verifier = try await TokenVerifier(
-                key: key, grantTemplates: settings.templates, allowsMissingExpiry: allowTokensWithoutExp)
+            verifier = try await TokenVerifier(keys: keys, rules: settings.tokenRules)
         } catch {
-            let flag = jwtSecretFile != nil ? "--jwt-secret-file \(jwtSecretFile!)" : "--jwt-public-key-file \(jwtPublicKeyFile ?? "")"
-            throw CLIError.usage("\(flag): \(error)")
+            throw CLIError.usage("\(error)")
         }
+        let metrics = RelayMetrics()
+        metrics.setKeyCount(verifier.keyCount)
 
         var configuration = settings.configuration
         do {
@@ -175,7 +192,7 @@ struct ServeCommand: AsyncParsableCommand {
             start: {
                 do {
                     return try await Relay.start(
-                        configuration: relayConfiguration, verifier: verifier, metrics: RelayMetrics(),
+                        configuration: relayConfiguration, verifier: verifier, metrics: metrics,
                         metricsText: { registry.emitToString() }, notifier: SystemdNotifier.fromEnvironment(),
                         logger: logger)
                 } catch let error as RelayStartError {
@@ -196,12 +213,13 @@ struct ServeCommand: AsyncParsableCommand {
         if allowTokensWithoutExp {
             logger.warning("--allow-tokens-without-exp: tokens without exp are accepted and never expire")
         }
-        // SIGHUP would otherwise end the relay (exit 129) without its state: until keys are
-        // reloaded on it, it is noted and ignored.
+        // SIGHUP reloads every key file (it would otherwise end the relay, exit 129, without its
+        // state). A file that fails keeps the old keys: the relay says why and serves on.
         let hangups = await UnixSignalsSequence(trapping: .sighup)
+        let keyFiles = settings.keyFiles
         let hangupTask = Task {
             for await _ in hangups {
-                logger.notice("SIGHUP received: nothing to reload yet (keys and flags are read at start); still serving")
+                await Self.reloadKeys(keyFiles, verifier: verifier, metrics: metrics, logger: logger)
             }
         }
         defer { hangupTask.cancel() }
@@ -215,8 +233,24 @@ struct ServeCommand: AsyncParsableCommand {
 
     private struct Settings {
         var configuration: RelayConfiguration
-        var templates: [GrantTemplate]
+        var tokenRules: TokenRules
+        var keyFiles: KeyFiles
         var logLevel: Logger.Level
+    }
+
+    /// SIGHUP: every key file read again and swapped in at once, or none.
+    private static func reloadKeys(_ files: KeyFiles, verifier: TokenVerifier, metrics: RelayMetrics, logger: Logger) async {
+        guard !files.files.isEmpty else {
+            return logger.notice("SIGHUP received: no key file to reload (--dev's secret lives in memory); still serving")
+        }
+        do {
+            try await verifier.replaceKeys(try await files.verifierKeys())
+            metrics.setKeyCount(verifier.keyCount)
+            logger.notice("SIGHUP received: keys reloaded", metadata: ["keys": "\(verifier.keyIDs.joined(separator: ","))"])
+        } catch {
+            let why = (error as? CLIError)?.message ?? "\(error)"
+            logger.error("SIGHUP received: keys NOT reloaded, the old keys stay", metadata: ["why": "\(why)"])
+        }
     }
 
     /// Every flag checked before anything starts: a mistake is one line naming the flag, exit status 2.
@@ -230,18 +264,25 @@ struct ServeCommand: AsyncParsableCommand {
         guard let (host, port) = Self.hostAndPort(listen) else {
             throw CLIError.usage("--listen \(listen): expected HOST:PORT, e.g. 127.0.0.1:8765")
         }
-        if jwtSecretFile != nil, jwtPublicKeyFile != nil {
+        if !jwtSecretFiles.isEmpty, !jwtPublicKeyFiles.isEmpty {
             throw CLIError.usage("--jwt-secret-file and --jwt-public-key-file: give one key, not both")
         }
-        if jwtSecretFile == nil, jwtPublicKeyFile == nil, !dev {
+        if jwtSecretFiles.isEmpty, jwtPublicKeyFiles.isEmpty, !dev {
             throw CLIError.usage(
                 "no key: give --jwt-secret-file or --jwt-public-key-file (or --dev to try it out); the relay never runs unauthenticated")
         }
-        if dev, jwtPublicKeyFile != nil {
+        if dev, !jwtPublicKeyFiles.isEmpty {
             throw CLIError.usage("--dev mints tokens and needs a secret: drop --jwt-public-key-file")
         }
         if dev, !Self.isLoopback(host) {
             throw CLIError.usage("--listen \(listen): --dev serves loopback only (127.0.0.1, ::1 or localhost)")
+        }
+        let keyFiles = try KeyFiles(secretFiles: jwtSecretFiles, publicKeyFiles: jwtPublicKeyFiles, kidRules: jwtKids)
+        guard (0...TokenLimits.maxLeeway).contains(jwtLeeway) else {
+            throw CLIError.usage("--jwt-leeway \(jwtLeeway): expected 0 to \(TokenLimits.maxLeeway) seconds")
+        }
+        for (flag, value) in [("--jwt-audience", jwtAudience), ("--jwt-issuer", jwtIssuer)] where value?.isEmpty == true {
+            throw CLIError.usage("\(flag): must not be empty (leave the flag out to accept any)")
         }
         var origins = Set<WebOrigin>()
         for value in allowOrigins {
@@ -299,7 +340,10 @@ struct ServeCommand: AsyncParsableCommand {
             ingestBudgetBytes: maxInflightBytes,
             cluster: try clusterSettings(port: port),
             publishPolicy: publishRules.isEmpty ? nil : PublishPolicy(rules: publishRules))
-        return Settings(configuration: configuration, templates: templates, logLevel: level)
+        let rules = TokenRules(
+            grantTemplates: templates, allowsMissingExpiry: allowTokensWithoutExp, audience: jwtAudience, issuer: jwtIssuer,
+            leeway: jwtLeeway)
+        return Settings(configuration: configuration, tokenRules: rules, keyFiles: keyFiles, logLevel: level)
     }
 
     /// `--redis` and its companions; nil without `--redis`.

@@ -21,6 +21,12 @@ struct TokenCommand: AsyncParsableCommand {
     @Option(help: "Lifetime: seconds, or a number with s, m, h or d.")
     var ttl: String = "1h"
 
+    @Option(help: "The token's aud claim; an empty value leaves aud out.")
+    var aud: String = TokenMinter.defaultAudience
+
+    @Option(help: "A kid for the token's header: the relay then verifies it with that key only.")
+    var kid: String?
+
     func run() async throws {
         // A token the relay would always refuse is a mistake to report now, not a string to hand out.
         guard !sub.isEmpty else { throw CLIError.usage("--sub: must not be empty (the relay refuses a token without sub)") }
@@ -31,8 +37,17 @@ struct TokenCommand: AsyncParsableCommand {
         guard let seconds = Duration.seconds(parsing: ttl) else {
             throw CLIError.usage("--ttl \(ttl): expected seconds or a number with s, m, h or d")
         }
+        if let kid, !KeyFiles.isKeyID(kid) {
+            throw CLIError.usage("--kid \(kid): expected 1 to 128 printable ASCII characters without spaces")
+        }
         let secret = try SecretFile.read(secretFile, flag: "--jwt-secret-file")
-        let token = try await TokenMinter.hs256(secret: secret, subject: sub, topics: topics, ttl: seconds)
+        guard secret.count >= TokenLimits.secretBytes else {
+            throw CLIError.usage(
+                "--jwt-secret-file \(secretFile): the secret is \(secret.count) bytes, too short: HS256 needs at least 32. "
+                    + "Make a good one: (umask 077; head -c 32 /dev/urandom | base64 > \(secretFile))")
+        }
+        let token = try await TokenMinter.hs256(
+            secret: secret, subject: sub, topics: topics, ttl: seconds, audience: aud.isEmpty ? nil : aud, kid: kid)
         print(token)
     }
 }

@@ -702,13 +702,19 @@ async def ws_connect(relay: Relay, token=_DEFAULT, topics: Iterable[str] = (),
                      headers: dict | None = None, *, bearer: bool = False,
                      origin: str | None = None, compression: str | None = None,
                      logger: logging.Logger | None = None, open_timeout: float = 5,
-                     extra_query=()):
+                     extra_query=(), subprotocols: list[str] | None = None, via: str = "query"):
     """Connect to relay.url. `token` defaults to one granting `*`; None sends none.
-    With bearer=True the token goes in an `Authorization: Bearer` header, not the URL."""
+    With bearer=True (or via="header") the token goes in an `Authorization: Bearer` header, not
+    the URL; with via="subprotocol" it is offered as `bearer.<token>` beside `progress-relay.v1`
+    (issue 14). `subprotocols`: names to offer (after those)."""
     if token is _DEFAULT:
         token = relay.token(topics=["*"])
     hdrs = dict(headers or {})
-    if bearer and token is not None:
+    offered = list(subprotocols or [])
+    if via == "subprotocol" and token is not None:
+        offered = ["progress-relay.v1", "bearer." + token] + offered
+        url = ws_url(relay, None, topics, extra_query)
+    elif (bearer or via == "header") and token is not None:
         hdrs["Authorization"] = f"Bearer {token}"
         url = ws_url(relay, None, topics, extra_query)
     else:
@@ -724,6 +730,8 @@ async def ws_connect(relay: Relay, token=_DEFAULT, topics: Iterable[str] = (),
     )
     if origin is not None:
         kwargs["origin"] = origin
+    if offered:
+        kwargs["subprotocols"] = offered
     if logger is not None:
         kwargs["logger"] = logger
     if _SUPPORTS_PROXY:

@@ -42,7 +42,7 @@ def serve_args(tmp, port=None, *extra):
             "--listen", f"127.0.0.1:{port or free_port()}", *extra]
 
 
-def secret_file(tmp, secret="s3cret-for-cli") -> str:
+def secret_file(tmp, secret="s3cret-for-cli-0123456789abcdef-0123") -> str:
     return write_secret(tmp / "secret", secret + "\n")
 
 
@@ -57,7 +57,7 @@ def test_serve_help_lists_every_flag():
                  "--jwt-public-key-file", "--grant", "--allow-origin", "--history",
                  "--max-event-bytes", "--max-outbound-bytes", "--max-inflight-bytes", "--ping-interval",
                  "--state-file", "--max-topics", "--max-subscriptions", "--topic-ttl", "--log-level",
-                 "--dev"]:
+                 "--dev", "--jwt-kid", "--jwt-audience", "--jwt-issuer", "--jwt-leeway"]:
         assert flag in text, f"serve --help does not mention {flag}"
 
 
@@ -415,7 +415,7 @@ async def test_token_command_mints_an_accepted_token(relay):
 @pytest.mark.parametrize("ttl, seconds", [("45", 45), ("90s", 90), ("30m", 1800), ("2h", 7200),
                                           ("1d", 86400)])
 def test_token_ttl_units(tmp, ttl, seconds):
-    f = secret_file(tmp, "k")
+    f = secret_file(tmp)
     cp = run_cli(["token", "--jwt-secret-file", f, "--sub", "x", "--ttl", ttl])
     assert cp.returncode == 0, cp.stderr
     claims = decode_jwt(cp.stdout.decode().strip())[1]
@@ -423,9 +423,9 @@ def test_token_ttl_units(tmp, ttl, seconds):
 
 
 def test_token_repeatable_topic(tmp):
-    f = secret_file(tmp, "k")
+    f = secret_file(tmp, "k" * 32)
     cp = run_cli(["token", "--jwt-secret-file", f, "--sub", "x", "--topic", "a", "--topic", "b:*"])
     assert cp.returncode == 0, cp.stderr
     tok = cp.stdout.decode().strip()
-    assert verify_hs(tok, "k")
+    assert verify_hs(tok, "k" * 32)
     assert decode_jwt(tok)[1]["topics"] == ["a", "b:*"]

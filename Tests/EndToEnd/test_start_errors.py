@@ -34,7 +34,7 @@ def tmp():
 
 
 def secret_file(tmp: Path) -> str:
-    return write_secret(tmp / "secret", "s3cret-for-errors\n")
+    return write_secret(tmp / "secret", "s3cret-for-errors-0123456789abcdef-01\n")
 
 
 def serve(tmp: Path, *extra, socket_path=None, listen=None) -> list[str]:

@@ -82,7 +82,7 @@ async def test_tokens_without_exp_are_accepted_when_allowed(relay_factory, how):
     (["--sub", "x", "--topic", "task:1", "--topic", ""], "--topic"),
 ], ids=["empty-sub", "topic-with-space", "star-not-at-the-end", "empty-topic"])
 def test_token_command_refuses_a_token_the_relay_would_refuse(tmp, args, flag):
-    secret = write_secret(tmp / "secret", "k\n")
+    secret = write_secret(tmp / "secret", "k" * 32 + "\n")
     cp = run_cli(["token", "--jwt-secret-file", secret, *args])
     assert cp.returncode == 2, (cp.returncode, cp.stdout, cp.stderr)
     assert cp.stdout == b"", "a token was printed anyway"
@@ -97,7 +97,7 @@ def test_token_command_refuses_a_token_the_relay_would_refuse(tmp, args, flag):
 @pytest.mark.parametrize("value", ["not an origin", "https://App.Example.com/", "app.example.com",
                                    "https://app.example.com/path", "https://app.example.com:99999"])
 def test_malformed_allow_origin_is_status_2_naming_the_flag(tmp, value):
-    secret = write_secret(tmp / "secret", "k\n")
+    secret = write_secret(tmp / "secret", "k" * 32 + "\n")
     cp = run_cli(["serve", "--socket", str(tmp / "p.sock"), "--listen", f"127.0.0.1:{free_port()}",
                   "--jwt-secret-file", secret, "--allow-origin", value], timeout=10)
     assert cp.returncode == 2, (cp.returncode, cp.stderr)

@@ -74,7 +74,8 @@ private func claims(
     return out
 }
 
-private let secret = Array("relay-test-secret-0123456789abcdef".utf8)
+/// 64 bytes: long enough for HS512 (RFC 7518 §3.2).
+private let secret = Array("relay-test-secret-0123456789abcdef-relay-test-secret-0123456789ab".utf8)
 
 private func secretVerifier(_ secret: [UInt8] = secret, templates: [String] = []) async throws -> TokenVerifier {
     try await TokenVerifier(key: .secret(secret), grantTemplates: templates.compactMap(GrantTemplate.init))
@@ -183,13 +184,19 @@ struct TokenVerifierSecretTests {
         #expect(p?.expiresAt == nil)
     }
 
-    @Test("a kid in the header does not change which key verifies")
-    func kidIgnored() async throws {
+    @Test("a kid must name a configured key; jwt-kit's fallback to its default key is never reached")
+    func kidMustBeConfigured() async throws {
         let verifier = try await secretVerifier()
-        let token = hmacToken(alg: "HS256", key: secret, claims: claims(), extraHeader: ["kid": "key-2024"])
-        #expect(principal(await verifier.verify(token, now: now))?.subject == "alice")
-        let forged = hmacToken(
-            alg: "HS256", key: Array("other".utf8), claims: claims(), extraHeader: ["kid": "key-2024"])
+        #expect(verifier.keyIDs == ["key"])
+        let named = hmacToken(alg: "HS256", key: secret, claims: claims(), extraHeader: ["kid": "key"])
+        #expect(principal(await verifier.verify(named, now: now))?.subject == "alice")
+        // Correctly signed with the one key, but naming another: refused before any signature check.
+        let unknown = hmacToken(alg: "HS256", key: secret, claims: claims(), extraHeader: ["kid": "key-2024"])
+        #expect(failure(await verifier.verify(unknown, now: now)) == .unknownKey)
+        #expect(failure(await verifier.verify(unknown, now: now))?.reason == "kid")
+        let notString = hmacToken(alg: "HS256", key: secret, claims: claims(), extraHeader: ["kid": 5])
+        #expect(failure(await verifier.verify(notString, now: now)) == .malformed)
+        let forged = hmacToken(alg: "HS256", key: Array("other".utf8), claims: claims(), extraHeader: ["kid": "key"])
         #expect(failure(await verifier.verify(forged, now: now)) == .badSignature)
     }
 
@@ -298,40 +305,34 @@ struct TokenVerifierSecretTests {
         await #expect(throws: KeyError.self) { try await TokenVerifier(key: .secret([]), grantTemplates: []) }
     }
 
-    // HMAC pads a key shorter than the block size with zero bytes (RFC 2104), so a token signed with a
-    // short secret anywhere else (PyJWT, jose, swift-crypto) must verify at the relay.
+    // RFC 7518 §3.2: an HMAC key at least as long as the hash output. No zero-padding of short keys.
+    @Test("a secret under 32 bytes is refused", arguments: [1, 6, 16, 31])
+    func shortSecretRefused(length: Int) async {
+        let key = (0..<length).map { UInt8(truncatingIfNeeded: 0x41 + $0 * 7) }
+        await #expect(throws: KeyError.shortSecret(length)) { try await secretVerifier(key) }
+        await #expect(throws: KeyError.shortSecret(length)) { try await TokenVerifier.check(.secret(key)) }
+        #expect("\(KeyError.shortSecret(length))".contains("head -c 32 /dev/urandom | base64"))
+    }
+
     @Test(
-        "secrets of any length verify as plain HMAC does",
-        arguments: [1, 6, 16, 31, 32, 33, 47, 48, 49, 63, 64, 65, 127, 128, 129, 200])
-    func secretLengths(length: Int) async throws {
+        "each HS algorithm only with a secret at least as long as its digest",
+        arguments: [(32, ["HS256"]), (47, ["HS256"]), (48, ["HS256", "HS384"]), (63, ["HS256", "HS384"]),
+            (64, ["HS256", "HS384", "HS512"]), (200, ["HS256", "HS384", "HS512"])])
+    func secretLengths(length: Int, allowed: [String]) async throws {
         let key = (0..<length).map { UInt8(truncatingIfNeeded: 0x41 + $0 * 7) }
         let verifier = try await secretVerifier(key)
+        #expect(verifier.algorithms == allowed)
         for alg in ["HS256", "HS384", "HS512"] {
             let token = hmacToken(alg: alg, key: key, claims: claims())
             let result = await verifier.verify(token, now: now)
-            #expect(principal(result)?.subject == "alice", "\(alg), \(length)-byte secret: \(result)")
+            if allowed.contains(alg) {
+                #expect(principal(result)?.subject == "alice", "\(alg), \(length)-byte secret: \(result)")
+            } else {
+                #expect(failure(result) == .algorithmNotAllowed(alg), "\(alg), \(length)-byte secret")
+            }
         }
-        // The padded key is not a different key: a token made with the key plus one more byte fails.
         let longer = hmacToken(alg: "HS256", key: key + [0x41], claims: claims())
         #expect(failure(await verifier.verify(longer, now: now)) == .badSignature)
-    }
-
-    @Test("a six-byte secret works for HS256, HS384 and HS512", arguments: ["HS256", "HS384", "HS512"])
-    func shortSecret(alg: String) async throws {
-        let short = Array("s3cret".utf8)
-        let verifier = try await secretVerifier(short)
-        let token = hmacToken(alg: alg, key: short, claims: claims())
-        #expect(principal(await verifier.verify(token, now: now))?.subject == "alice")
-    }
-
-    @Test("the padded key gives the same HMAC as the plain short key (RFC 2104)")
-    func paddingIsTransparent() {
-        let short = Array("s3cret".utf8)
-        let input = "header.payload"
-        for (alg, size) in [("HS256", 32), ("HS384", 48), ("HS512", 64)] {
-            let padded = short + [UInt8](repeating: 0, count: size - short.count)
-            #expect(hmac(alg, key: padded, input) == hmac(alg, key: short, input), "\(alg)")
-        }
     }
 }
 
@@ -339,9 +340,9 @@ struct TokenVerifierSecretTests {
 
 @Suite("TokenMinter")
 struct TokenMinterTests {
-    @Test("hs256 output verifies and carries exp = now + ttl")
+    @Test("hs256 output verifies and carries exp = now + ttl, iat and aud")
     func mintAndVerify() async throws {
-        let key = Array("s3cret".utf8)
+        let key = Array("s3cret-s3cret-s3cret-s3cret-s3cr".utf8)
         let issued = Date(timeIntervalSince1970: 1_700_000_000.7)
         let token = try await TokenMinter.hs256(
             secret: key, subject: "alice", topics: ["task:*", "job:1"], ttl: 3600, now: issued)
@@ -356,6 +357,9 @@ struct TokenMinterTests {
         #expect(payload["sub"] as? String == "alice")
         #expect((payload["exp"] as? NSNumber)?.doubleValue == 1_700_003_600)
         #expect(payload["topics"] as? [String] == ["task:*", "job:1"])
+        #expect((payload["iat"] as? NSNumber)?.doubleValue == 1_700_000_000)
+        #expect(payload["aud"] as? String == "progress-relay")
+        #expect(header["kid"] == nil)
 
         // Signed with plain HMAC-SHA256 of the short secret, as any other JWT library would check it.
         let expected = hmac("HS256", key: key, String(parts[0]) + "." + String(parts[1]))
@@ -368,6 +372,20 @@ struct TokenMinterTests {
         #expect(p.grants == GrantSet(["task:*", "job:1"]))
         #expect(principal(await verifier.verify(token, now: Date(timeIntervalSince1970: 1_700_003_599.9))) != nil)
         #expect(failure(await verifier.verify(token, now: Date(timeIntervalSince1970: 1_700_003_600))) == .expired)
+    }
+
+    @Test("hs256 refuses a short secret; writes kid when given and no aud when told")
+    func mintOptions() async throws {
+        await #expect(throws: KeyError.shortSecret(6)) {
+            try await TokenMinter.hs256(secret: Array("s3cret".utf8), subject: "a", topics: [], ttl: 60)
+        }
+        let token = try await TokenMinter.hs256(
+            secret: secret, subject: "a", topics: [], ttl: 60, now: now, audience: nil, kid: "k-2026")
+        let parts = token.split(separator: ".")
+        let header = try JSONSerialization.jsonObject(with: try #require(base64URLDecode(parts[0]))) as? [String: Any]
+        #expect(header?["kid"] as? String == "k-2026")
+        let payload = try JSONSerialization.jsonObject(with: try #require(base64URLDecode(parts[1]))) as? [String: Any]
+        #expect(payload?["aud"] == nil)
     }
 
     @Test("hs256 with a long secret and the current time")

@@ -136,6 +136,10 @@ export interface ProgressRelayOptions {
   refreshBefore?: number;
   /** connect at once (default true); otherwise call connect(). */
   autoConnect?: boolean;
+  /** how the token reaches the relay: `'protocol'` (default) offers it as the WebSocket
+   * subprotocol `bearer.<JWT>` beside `progress-relay.v1`, out of the URL and so out of proxy
+   * logs; `'query'` puts it in `?token=` (relays without the subprotocol). */
+  tokenTransport?: 'protocol' | 'query';
 }
 
 export interface SubscribeOptions {
@@ -148,6 +152,9 @@ export interface ProgressRelayEvents {
   error: RelayError;
   token: TokenChange;
 }
+
+/** The subprotocol the relay selects: `progress-relay.v1`. */
+export declare const SUBPROTOCOL: 'progress-relay.v1';
 
 export declare const CloseCode: Readonly<{
   NORMAL: 1000;

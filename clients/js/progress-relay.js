@@ -12,6 +12,10 @@
 //   relay.on('state', (s) => console.log(s.state));
 //   const stop = relay.subscribe('task:42', (event) => console.log(event.seq, event.type));
 //
+// The token travels in the WebSocket subprotocol (`progress-relay.v1`, `bearer.<JWT>`), never in
+// the URL, which proxies write to their logs; `tokenTransport: 'query'` puts it in `?token=`
+// instead, for relays older than the subprotocol.
+//
 // The wire protocol is the relay's (README, "Delivery: WebSocket at GET /ws"); this file's
 // README (clients/js/README.md) says what the client guarantees.
 
@@ -29,6 +33,12 @@ export const CloseCode = Object.freeze({
   FORBIDDEN: 4403,
 });
 
+/** The subprotocol the relay selects; the token is offered beside it as `bearer.<JWT>`. */
+export const SUBPROTOCOL = 'progress-relay.v1';
+
+/** Characters a subprotocol name may hold (an HTTP token, RFC 9110): a compact JWT uses only these. */
+const SUBPROTOCOL_NAME = /^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$/;
+
 /** Close codes after which reconnecting cannot help (the relay's table: "fix the client"). */
 const FATAL_CLOSE = new Set([1002, 1003, 1007, 1009, 4403]);
 
@@ -39,6 +49,7 @@ const DEFAULTS = Object.freeze({
   connectTimeout: 10000, // a handshake not finished by then is given up and retried, ms
   refreshBefore: 30000,  // refresh at most this long before `exp` (and at 75 % of a short token's life), ms
   autoConnect: true,
+  tokenTransport: 'protocol', // 'protocol': Sec-WebSocket-Protocol `bearer.<JWT>`; 'query': `?token=` in the URL
 });
 
 const OPEN = 1; // WebSocket.OPEN, without needing the global at import time
@@ -59,6 +70,9 @@ export class ProgressRelay {
     }
     this.url = toWebSocketURL(url);
     this.options = { ...DEFAULTS, ...options };
+    if (this.options.tokenTransport !== 'protocol' && this.options.tokenTransport !== 'query') {
+      throw new TypeError("ProgressRelay: options.tokenTransport must be 'protocol' or 'query'");
+    }
     this._token = options.token || null;
     this._tokenAt = this._token ? Date.now() : 0;
     this._getToken = typeof options.getToken === 'function' ? options.getToken : null;
@@ -203,10 +217,19 @@ export class ProgressRelay {
     if (generation !== this._generation || this._stopped) return;
 
     const url = new URL(this.url.href);
-    url.searchParams.set('token', token);
+    let protocols = null;
+    if (this.options.tokenTransport === 'query') {
+      url.searchParams.set('token', token);
+    } else {
+      // Out of the URL (proxies log URLs): offered as a subprotocol, which the relay never echoes.
+      if (!SUBPROTOCOL_NAME.test(token)) {
+        return this._fail({ code: 'unauthorized', message: "the token is not a compact JWT, so it cannot be offered as a subprotocol (tokenTransport: 'query' sends it in the URL)" });
+      }
+      protocols = [SUBPROTOCOL, 'bearer.' + token];
+    }
     let ws;
     try {
-      ws = new WebSocket(url.href);
+      ws = protocols ? new WebSocket(url.href, protocols) : new WebSocket(url.href);
     } catch (error) {
       return this._fail({ code: 'bad_url', message: describe(error) });
     }

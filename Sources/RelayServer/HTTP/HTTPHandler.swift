@@ -1,8 +1,11 @@
-// HTTPHandler: the plain HTTP routes (`/healthz`, `/readyz`, `/metrics`, `/stats`) and
-// the answers to a `/ws` request that was not upgraded.
+// HTTPHandler: the plain HTTP routes (`/healthz`, `/readyz`, `/metrics`, `/stats`,
+// `POST /ticket`) and the answers to a `/ws` request that was not upgraded.
 
+import Foundation
+import Logging
 import NIOCore
 import NIOHTTP1
+import RelayAuth
 
 /// A request target split into path and query items.
 struct RequestTarget {
@@ -56,10 +59,32 @@ struct HTTPRoutes: Sendable {
     let statsJSON: @Sendable () -> EventLoopFuture<String>
     /// Whether the relay can publish (`/readyz`), and if not why.
     let readiness: @Sendable () -> EventLoopFuture<(ready: Bool, reason: String)>
+    /// One-time WebSocket tickets (`POST /ticket`, `GET /ws?ticket=`), shared by every loop.
+    let tickets: TicketStore
+    let verifier: TokenVerifier
+    let logger: Logger
 
     /// Browsers send `Origin`; other clients do not and are always allowed.
     func originAllowed(_ head: HTTPRequestHead) -> Bool {
         origins.allows(origin: head.headers.first(name: "origin"), host: head.headers.first(name: "host"))
+    }
+
+    /// Takes every `?ticket=` of a `/ws` request out of the store (a ticket is used once, even
+    /// by a handshake that fails) and says what the first stood for; nil without a ticket.
+    func redeemTicket(_ head: HTTPRequestHead) -> Result<Principal, TokenError>? {
+        let target = RequestTarget(head.uri)
+        guard target.path == "/ws" else { return nil }
+        let origin = head.headers.first(name: "origin")
+        let results = target.values("ticket").map { tickets.redeem($0, origin: origin) }
+        return results.first
+    }
+
+    /// `Authorization: Bearer <token>`, nil without one.
+    static func bearerToken(_ headers: HTTPHeaders) -> String? {
+        guard let value = headers.first(name: "authorization") else { return nil }
+        let parts = value.split(separator: " ", maxSplits: 1)
+        guard parts.count == 2, parts[0].lowercased() == "bearer" else { return nil }
+        return parts[1].trimmingCharacters(in: .whitespaces)
     }
 }
 
@@ -94,6 +119,11 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
 
     private func route(_ head: HTTPRequestHead, context: ChannelHandlerContext) {
         let target = RequestTarget(head.uri)
+        if target.path == "/ticket" { return ticket(head, context: context) }
+        if target.path == "/ws" {
+            // Whatever the answer, a ticket in this URL is now used.
+            _ = routes.redeemTicket(head)
+        }
         guard head.method == .GET || head.method == .HEAD else {
             return respond(head, .methodNotAllowed, "method not allowed\n", context: context)
         }
@@ -113,6 +143,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         case "/ws":
             if !routes.originAllowed(head) {
                 respond(head, .forbidden, "origin not allowed\n", context: context)
+            } else if let refusal = OfferedSubprotocols(head.headers).refusal {
+                respond(head, .badRequest, refusal + "\n", context: context)
             } else {
                 respond(head, .upgradeRequired, "a WebSocket handshake is required here\n", context: context)
             }
@@ -131,11 +163,73 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         }
     }
 
+    // MARK: Tickets
+
+    /// `POST /ticket` with `Authorization: Bearer <token>`: a one-time ticket for `GET /ws?ticket=`,
+    /// so that no URL carries the token. `OPTIONS` answers a browser's CORS preflight.
+    private func ticket(_ head: HTTPRequestHead, context: ChannelHandlerContext) {
+        let origin = head.headers.first(name: "origin")
+        var cors: [(String, String)] = []
+        if let origin {
+            guard routes.originAllowed(head) else {
+                return respond(
+                    head, .forbidden, Self.errorJSON("forbidden", "origin not allowed"),
+                    contentType: "application/json", context: context)
+            }
+            cors = [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
+        }
+        switch head.method {
+        case .OPTIONS:
+            respond(
+                head, .noContent, "", extraHeaders: cors + [
+                    ("Access-Control-Allow-Methods", "POST"), ("Access-Control-Allow-Headers", "Authorization"),
+                    ("Access-Control-Max-Age", "600"),
+                ], context: context)
+        case .POST:
+            let token = HTTPRoutes.bearerToken(head.headers)
+            let routes = self.routes
+            context.eventLoop.makeFutureWithTask { await routes.verifier.verify(token) }
+                .assumeIsolated()
+                .whenSuccess { result in
+                    switch result {
+                    case .success(let principal):
+                        let ticket = routes.tickets.issue(for: principal, origin: origin)
+                        routes.logger.debug(
+                            "ticket issued", metadata: ["sub": "\(principal.subject)", "origin": "\(origin ?? "none")"])
+                        self.respond(
+                            head, .ok, "{\"ticket\":\"\(ticket)\",\"expires_in\":\(routes.tickets.lifetimeSeconds)}",
+                            contentType: "application/json", extraHeaders: cors, context: context)
+                    case .failure(let error):
+                        routes.logger.info("ticket refused", metadata: ["reason": "\(error)"])
+                        self.respond(
+                            head, .unauthorized, Self.errorJSON("unauthorized", error.description),
+                            contentType: "application/json",
+                            extraHeaders: cors + [("WWW-Authenticate", "Bearer")], context: context)
+                    }
+                }
+        default:
+            respond(
+                head, .methodNotAllowed, Self.errorJSON("method_not_allowed", "POST a bearer token here"),
+                contentType: "application/json", extraHeaders: cors + [("Allow", "POST, OPTIONS")], context: context)
+        }
+    }
+
+    static func errorJSON(_ code: String, _ message: String) -> String {
+        let object = ["error": code, "message": message]
+        guard let data = try? JSONSerialization.data(withJSONObject: object, options: [.sortedKeys]) else {
+            return "{\"error\":\"\(code)\"}"
+        }
+        return String(decoding: data, as: UTF8.self)
+    }
+
     private func respond(
         _ request: HTTPRequestHead, _ status: HTTPResponseStatus, _ body: String,
-        contentType: String = "text/plain; charset=utf-8", context: ChannelHandlerContext
+        contentType: String = "text/plain; charset=utf-8", extraHeaders: [(String, String)] = [],
+        context: ChannelHandlerContext
     ) {
-        respond(request, status, ByteBuffer(string: body), contentType: contentType, context: context)
+        respond(
+            request, status, ByteBuffer(string: body), contentType: contentType, extraHeaders: extraHeaders,
+            context: context)
     }
 
     private func respond(

@@ -2,7 +2,8 @@
 //
 // Fan-out arrives here once per batch per loop and is written to each
 // connection with no further hop. One timer per loop walks its connections
-// for token expiry and heartbeats, instead of a timer per connection.
+// for token expiry and heartbeats, instead of a timer per connection; both
+// on the monotonic clock, so a wall-clock step does not close everyone at once.
 
 import Foundation
 import NIOCore
@@ -116,12 +117,11 @@ final class LoopSubscribers {
 
     private func tick() {
         let now = NIODeadline.now()
-        let wallClock = Date().timeIntervalSince1970
         let ping = now >= nextPing
         if ping { nextPing = now + pingInterval }
         let deadAfter = TimeAmount.nanoseconds(pingInterval.nanoseconds * 2)
         for connection in Array(connections.values) {
-            connection.tick(now: now, wallClock: wallClock, sendPing: ping, deadAfter: deadAfter)
+            connection.tick(now: now, sendPing: ping, deadAfter: deadAfter)
         }
     }
 

@@ -40,6 +40,12 @@ final class SubscriberHandler: ChannelInboundHandler {
     private var principal: Principal?
     private var subscriptions = Set<String>()
     private var refreshing = false
+    /// When the token's `exp` (plus leeway) passes, on the monotonic clock: a wall-clock step
+    /// after the token was checked neither ends sessions early nor keeps them late.
+    private var expiresAt: NIODeadline?
+    private var lastRefresh: NIODeadline?
+    /// At most one `refresh` per this long: each costs a signature check.
+    static let refreshInterval = TimeAmount.seconds(10)
 
     private var fragments: ByteBuffer?
     private(set) var lastHeard = NIODeadline.now()
@@ -77,6 +83,7 @@ final class SubscriberHandler: ChannelInboundHandler {
             close(.unauthorized)
         case .success(let principal):
             self.principal = principal
+            expiresAt = Self.deadline(principal)
             environment.logger.debug(
                 "subscriber connected", metadata: ["sub": "\(principal.subject)", "peer": "\(peer)", "id": "\(id)"])
             if let refused = urlTopics.first(where: { !principal.grants.covers($0) || !TopicName.isValidTopicOrPattern($0) }) {
@@ -179,6 +186,11 @@ final class SubscriberHandler: ChannelInboundHandler {
             subscriptions.remove(topic)
             environment.driver.unsubscribe(id, from: topic, reason: nil)
         case .success(.refresh(let token)):
+            let now = NIODeadline.now()
+            if let last = lastRefresh, now - last < Self.refreshInterval {
+                return send(ControlFrame.error(.badRequest, "at most one refresh per 10 s"))
+            }
+            lastRefresh = now
             refresh(token)
         case .success(.ping):
             send(ControlFrame.pong)
@@ -252,6 +264,7 @@ final class SubscriberHandler: ChannelInboundHandler {
             fresh = principal
         }
         principal = fresh
+        expiresAt = Self.deadline(fresh)
         send(ControlFrame.refreshed(exp: fresh.expiresAt))
         for topic in subscriptions.sorted() where !fresh.grants.covers(topic) {
             subscriptions.remove(topic)
@@ -266,10 +279,18 @@ final class SubscriberHandler: ChannelInboundHandler {
         close(.unauthorized)
     }
 
+    /// The monotonic deadline of the token's end; the wall clock is read once, now.
+    private static func deadline(_ principal: Principal) -> NIODeadline? {
+        guard let until = principal.validUntil else { return nil }
+        // Capped at ten years, within TimeAmount's range.
+        let seconds = min(max(0, until - Date().timeIntervalSince1970), 315_360_000)
+        return .now() + .nanoseconds(Int64(seconds * 1e9))
+    }
+
     /// Called by the loop's timer: token expiry, then heartbeat.
-    func tick(now: NIODeadline, wallClock: Double, sendPing: Bool, deadAfter: TimeAmount) {
+    func tick(now: NIODeadline, sendPing: Bool, deadAfter: TimeAmount) {
         guard !closing, let context else { return }
-        if let exp = principal?.expiresAt, !refreshing, wallClock >= Double(exp) {
+        if let expiresAt, !refreshing, now >= expiresAt {
             return refuse("expired", message: "token expired")
         }
         guard sendPing else { return }

@@ -5,12 +5,19 @@
 // by the hub and shared by every subscriber), so this upgrader installs only
 // NIO's frame decoder and the subscriber handler. The handshake itself
 // follows RFC 6455 section 4.2.2; no extension is ever negotiated.
+//
+// Subprotocols: a client may carry its token as `bearer.<JWT>` beside `progress-relay.v1`
+// (browsers cannot set `Authorization`, and a URL ends up in proxy logs); the answer selects
+// `progress-relay.v1` alone, never the token. A `?ticket=` is taken out of the store here,
+// before anything can refuse the handshake, so that a ticket is used once whatever happens.
 
 import Crypto
 import Foundation
+import NIOConcurrencyHelpers
 import NIOCore
 import NIOHTTP1
 import NIOWebSocket
+import RelayAuth
 
 struct WebSocketUpgrader: HTTPServerProtocolUpgrader, Sendable {
     let supportedProtocol = "websocket"
@@ -20,8 +27,13 @@ struct WebSocketUpgrader: HTTPServerProtocolUpgrader, Sendable {
     let maxFrameSize: Int
     /// Whether this request may be upgraded at all (path, origin); a refused one goes on to the HTTP handler.
     let accepts: @Sendable (HTTPRequestHead) -> Bool
+    /// Takes the request's `?ticket=` out of the store: nil when it has none.
+    let redeemTicket: @Sendable (HTTPRequestHead) -> Result<Principal, TokenError>?
     /// Completes the pipeline once the 101 answer went out; frames read meanwhile wait for it.
-    let installSubscriber: @Sendable (Channel, HTTPRequestHead) -> EventLoopFuture<Void>
+    /// The third argument is what the request's ticket stood for, when it had one.
+    let installSubscriber: @Sendable (Channel, HTTPRequestHead, Result<Principal, TokenError>?) -> EventLoopFuture<Void>
+    /// Tickets redeemed by a handshake being answered, until its pipeline is installed.
+    let redeemed = RedeemedTickets()
 
     private static let guid = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -29,15 +41,22 @@ struct WebSocketUpgrader: HTTPServerProtocolUpgrader, Sendable {
         channel: Channel, upgradeRequest: HTTPRequestHead, initialResponseHeaders: HTTPHeaders
     ) -> EventLoopFuture<HTTPHeaders> {
         let keys = upgradeRequest.headers["sec-websocket-key"]
-        guard accepts(upgradeRequest), keys.count == 1, upgradeRequest.headers["sec-websocket-version"] == ["13"]
+        let ticket = redeemTicket(upgradeRequest)
+        let offered = OfferedSubprotocols(upgradeRequest.headers)
+        guard accepts(upgradeRequest), keys.count == 1, upgradeRequest.headers["sec-websocket-version"] == ["13"],
+            offered.refusal == nil
         else {
             return channel.eventLoop.makeFailedFuture(NIOWebSocketUpgradeError.unsupportedWebSocketTarget)
         }
+        if let ticket { redeemed.put(ticket, for: channel) }
         let digest = Insecure.SHA1.hash(data: Array((keys[0] + Self.guid).utf8))
         var headers = initialResponseHeaders
         headers.replaceOrAdd(name: "Upgrade", value: "websocket")
         headers.replaceOrAdd(name: "Connection", value: "upgrade")
         headers.add(name: "Sec-WebSocket-Accept", value: Data(digest).base64EncodedString())
+        if offered.offersRelayProtocol {
+            headers.add(name: "Sec-WebSocket-Protocol", value: OfferedSubprotocols.relayProtocol)
+        }
         return channel.eventLoop.makeSucceededFuture(headers)
     }
 
@@ -49,6 +68,24 @@ struct WebSocketUpgrader: HTTPServerProtocolUpgrader, Sendable {
         } catch {
             return channel.eventLoop.makeFailedFuture(error)
         }
-        return installSubscriber(channel, upgradeRequest)
+        return installSubscriber(channel, upgradeRequest, redeemed.take(for: channel))
+    }
+}
+
+/// What a ticket stood for, kept from the handshake's answer to the installation of its
+/// subscriber (two calls of the upgrader, on the channel's loop). An entry leaves at the
+/// latest when its channel closes, so a channel's identifier is never reused while it is here.
+final class RedeemedTickets: Sendable {
+    private let entries = NIOLockedValueBox([ObjectIdentifier: Result<Principal, TokenError>]())
+
+    func put(_ result: Result<Principal, TokenError>, for channel: any Channel) {
+        let key = ObjectIdentifier(channel)
+        entries.withLockedValue { $0[key] = result }
+        channel.closeFuture.whenComplete { [entries] _ in _ = entries.withLockedValue { $0.removeValue(forKey: key) } }
+    }
+
+    func take(for channel: any Channel) -> Result<Principal, TokenError>? {
+        let key = ObjectIdentifier(channel)
+        return entries.withLockedValue { $0.removeValue(forKey: key) }
     }
 }

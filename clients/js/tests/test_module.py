@@ -186,19 +186,21 @@ def test_refused_token_without_getToken_stops(browser, page_server, relay_factor
 
 
 def test_token_refreshed_before_exp_keeps_the_connection(browser, page_server, relay_factory):
-    """Tokens of 4 s: the client refreshes each at 3/4 of its life over the open connection."""
+    """Tokens of 16 s: the client refreshes each at 3/4 of its life over the open connection.
+    (The relay takes at most one refresh per 10 s per connection: shorter tokens would be
+    refreshed more often than that; whole-second exp and iat need a second of margin.)"""
     relay = relay_factory()
     page_server.relay = relay
     open_harness(browser, page_server)
     browser.execute_script(
-        "return window.harness.start(arguments[0], {tokenQuery: 'ttl=4&topics=job:*', topics: ['job:f']})",
+        "return window.harness.start(arguments[0], {tokenQuery: 'ttl=16&topics=job:*', topics: ['job:f']})",
         relay.url)
     wait_js(browser, "window.harness.log.statuses.length === 1", 10)
-    n = 25
+    n = 70
     emitter = Emitter(relay.socket_path, [progress("job:f", i, n) for i in range(1, n + 1)], interval=0.4)
     emitter.start()
     emitter.finish()
-    wait_js(browser, f"window.harness.log.events.length === {n}", 10)
+    wait_js(browser, f"window.harness.log.events.length === {n}", 40)
     log = harness_log(browser)
     assert_exactly_once(events_of(browser, "job:f"), n, "job:f")
     refreshed = [t for t in log["tokens"] if t["refreshed"]]

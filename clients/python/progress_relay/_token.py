@@ -14,6 +14,12 @@ from typing import Any, Iterable, Mapping, Optional, Union
 
 __all__ = ["token", "read_secret"]
 
+#: The ``aud`` claim written by default, as ``progress-relay token`` does; run the relay with
+#: ``--jwt-audience progress-relay`` so that it refuses tokens minted for other services.
+DEFAULT_AUDIENCE = "progress-relay"
+#: The relay refuses a secret shorter than this (HS256 needs a key as long as its digest).
+MIN_SECRET_BYTES = 32
+
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _TTL_RE = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([smhd]?)\s*\Z")
 
@@ -41,18 +47,23 @@ def _seconds(ttl: Union[int, float, str, datetime.timedelta]) -> int:
 
 def token(secret: Union[str, bytes], sub: str, topics: Union[str, Iterable[str]] = (),
           ttl: Union[int, float, str, datetime.timedelta] = 3600, *,
-          now: Optional[float] = None, claims: Optional[Mapping[str, Any]] = None) -> str:
+          now: Optional[float] = None, claims: Optional[Mapping[str, Any]] = None,
+          aud: Optional[str] = DEFAULT_AUDIENCE) -> str:
     """An HS256 relay token for user ``sub``, granting ``topics`` (topic names or patterns such
     as ``"task:*"``), valid ``ttl`` from now: seconds, a ``timedelta``, or a string such as
     ``"90"``, ``"15m"``, ``"1h"``, ``"7d"`` (as ``progress-relay token --ttl``).
 
     ``secret`` is the relay's ``--jwt-secret-file`` content without its trailing newline (a str
-    is encoded as UTF-8; :func:`read_secret` reads such a file). Claims: ``sub``, ``topics``,
-    ``iat`` and ``exp`` (whole seconds), plus ``claims`` if given.
+    is encoded as UTF-8; :func:`read_secret` reads such a file), at least 32 bytes as the relay
+    requires. Claims: ``sub``, ``topics``, ``iat`` and ``exp`` (whole seconds), ``aud`` (default
+    ``"progress-relay"``; ``aud=None`` leaves it out), plus ``claims`` if given.
     Raises ``ValueError``/``TypeError`` on bad arguments."""
     key = secret.encode("utf-8") if isinstance(secret, str) else bytes(secret)
     if not key:
         raise ValueError("the secret is empty")
+    if len(key) < MIN_SECRET_BYTES:
+        raise ValueError(f"the secret is {len(key)} bytes; the relay needs at least {MIN_SECRET_BYTES} "
+                         "(make one with: head -c 32 /dev/urandom | base64)")
     if not isinstance(sub, str) or not sub:
         raise ValueError("sub must be a non-empty string")
     topic_list = [topics] if isinstance(topics, str) else list(topics)
@@ -61,6 +72,10 @@ def token(secret: Union[str, bytes], sub: str, topics: Union[str, Iterable[str]]
             raise ValueError(f"topics must be non-empty strings, got {t!r}")
     issued = int(time.time() if now is None else now)
     payload = {"sub": sub, "topics": topic_list, "iat": issued, "exp": issued + _seconds(ttl)}
+    if aud is not None:
+        if not isinstance(aud, str) or not aud:
+            raise ValueError("aud must be a non-empty string or None")
+        payload["aud"] = aud
     if claims:
         payload.update(claims)
     header = {"alg": "HS256", "typ": "JWT"}

@@ -18,6 +18,9 @@ import progress_relay
 from prhelpers import ws_connect, ws_kwargs
 
 
+SECRET = "s3cret-s3cret-s3cret-s3cret-s3cret"
+
+
 def decode(token: str):
     def part(s):
         return base64.urlsafe_b64decode(s + "=" * (-len(s) % 4))
@@ -27,16 +30,17 @@ def decode(token: str):
 
 def test_claims_header_and_signature():
     before = int(time.time())
-    tok = progress_relay.token("s3cret", "alice", ["task:*", "user:alice:*"], 600)
+    tok = progress_relay.token(SECRET, "alice", ["task:*", "user:alice:*"], 600)
     after = int(time.time())
     header, payload, sig, signing_input = decode(tok)
     assert header == {"alg": "HS256", "typ": "JWT"}
-    assert set(payload) == {"sub", "topics", "iat", "exp"}
+    assert set(payload) == {"sub", "topics", "iat", "exp", "aud"}
+    assert payload["aud"] == "progress-relay"
     assert payload["sub"] == "alice"
     assert payload["topics"] == ["task:*", "user:alice:*"]
     assert before <= payload["iat"] <= after
     assert payload["exp"] == payload["iat"] + 600
-    assert sig == hmac.new(b"s3cret", signing_input, hashlib.sha256).digest()
+    assert sig == hmac.new(SECRET.encode(), signing_input, hashlib.sha256).digest()
     assert "=" not in tok
 
 
@@ -45,7 +49,7 @@ def test_claims_header_and_signature():
     (datetime.timedelta(minutes=5), 300),
 ])
 def test_ttl_forms(ttl, seconds):
-    _, payload, _, _ = decode(progress_relay.token(b"k", "u", "task:1", ttl, now=1000))
+    _, payload, _, _ = decode(progress_relay.token(SECRET.encode(), "u", "task:1", ttl, now=1000))
     assert payload["iat"] == 1000 and payload["exp"] == 1000 + seconds
     assert payload["topics"] == ["task:1"]
 
@@ -53,16 +57,29 @@ def test_ttl_forms(ttl, seconds):
 def test_bad_arguments_raise():
     for kwargs in [dict(ttl=0), dict(ttl=-5), dict(ttl="1w"), dict(ttl="soon"),
                    dict(ttl=float("inf")), dict(secret=""), dict(sub=""), dict(topics=[""]),
-                   dict(topics=[1])]:
-        args = dict(secret="k", sub="u", topics=["t"], ttl=60)
+                   dict(topics=[1]), dict(secret="k" * 31), dict(aud=""), dict(aud=5)]:
+        args = dict(secret=SECRET, sub="u", topics=["t"], ttl=60)
         args.update(kwargs)
         with pytest.raises((ValueError, TypeError)):
             progress_relay.token(**args)
 
 
 def test_extra_claims():
-    _, payload, _, _ = decode(progress_relay.token("k", "u", [], 60, claims={"nbf": 5}))
+    _, payload, _, _ = decode(progress_relay.token(SECRET, "u", [], 60, claims={"nbf": 5}))
     assert payload["nbf"] == 5 and payload["topics"] == []
+
+
+def test_aud_can_be_changed_or_left_out():
+    _, payload, _, _ = decode(progress_relay.token(SECRET, "u", [], 60, aud="other"))
+    assert payload["aud"] == "other"
+    _, payload, _, _ = decode(progress_relay.token(SECRET, "u", [], 60, aud=None))
+    assert "aud" not in payload
+
+
+def test_a_short_secret_is_refused_as_the_relay_refuses_it():
+    with pytest.raises(ValueError, match="at least 32"):
+        progress_relay.token("s3cret", "u", [], 60)
+    progress_relay.token("k" * 32, "u", [], 60)
 
 
 def test_read_secret(tmp_path):
@@ -112,7 +129,7 @@ def test_relay_accepts_the_token_and_its_grants(relay):
 
 def test_relay_refuses_a_token_signed_with_another_secret(relay):
     async def main():
-        ws = await _open(relay, progress_relay.token("not-the-secret", "eve", ["*"], 60))
+        ws = await _open(relay, progress_relay.token("not-the-secret-not-the-secret-00", "eve", ["*"], 60))
         f = await _recv(ws)
         assert f["op"] == "error" and f["code"] == "unauthorized", f
         with pytest.raises(ConnectionClosed) as exc:

@@ -1,5 +1,5 @@
 // Compiled (not run) by test_types.py: progress-relay.d.ts describes the API the README shows.
-import { ProgressRelay, CloseCode, decodeJwtPayload, topicMatches, backoffDelay, TaskProgressEvent, RelayEvent, SubscriptionStatus } from '../../progress-relay';
+import { ProgressRelay, CloseCode, SUBPROTOCOL, decodeJwtPayload, topicMatches, backoffDelay, TaskProgressEvent, RelayEvent, SubscriptionStatus } from '../../progress-relay';
 const relay = new ProgressRelay('/ws', { getToken: async () => 'x', pingInterval: 1000 });
 const off = relay.on('state', (s) => { const st: 'idle' | 'connecting' | 'open' | 'closed' = s.state; console.log(st, s.delay); });
 relay.on('error', (e) => console.log(e.code, e.fatal));
@@ -16,3 +16,9 @@ const c: 4401 = CloseCode.UNAUTHORIZED;
 console.log(decodeJwtPayload(relay.token), topicMatches('a*', 'ab'), backoffDelay(2), relay.topics, relay.url.href, c);
 // @ts-expect-error an unknown event name
 relay.on('nope', () => {});
+// issue 14: the token's transport
+const viaQuery = new ProgressRelay('/ws', { token: 'x', tokenTransport: 'query' });
+const proto: 'progress-relay.v1' = SUBPROTOCOL;
+console.log(viaQuery.state, proto);
+// @ts-expect-error an unknown transport
+new ProgressRelay('/ws', { token: 'x', tokenTransport: 'header' });
