@@ -53,6 +53,7 @@ const DEFAULTS = Object.freeze({
 });
 
 const OPEN = 1; // WebSocket.OPEN, without needing the global at import time
+const REFRESH_INTERVAL = 10000; // the relay's limit: one refresh per 10 s per connection
 
 /**
  * A connection to one relay. See progress-relay.d.ts for the types and the README for the
@@ -97,6 +98,7 @@ export class ProgressRelay {
     this._pingSentAt = 0;
     this._authError = null; // the relay's `unauthorized` message on the current connection
     this._refreshedExp = 0; // `exp` of the token the last refresh was to replace
+    this._lastRefreshSent = 0; // when this connection last sent a refresh (Date.now())
     this._onOnline = () => {
       if (this._timers.retry) this._retryNow();
     };
@@ -246,6 +248,7 @@ export class ProgressRelay {
       this._clearTimer('connect');
       this._lastHeard = Date.now();
       this._pingSentAt = 0;
+      this._lastRefreshSent = 0;
       this._setState('open', { attempt: this._attempt });
       this._unsubscribing.clear();
       // Topics first, with their resume points, then patterns: a pattern's snapshot then
@@ -433,7 +436,21 @@ export class ProgressRelay {
     }
     if (this._stopped) return;
     this._adoptToken(token);
-    if (generation === this._generation && this._isOpen()) this._send({ op: 'refresh', token });
+    if (generation === this._generation && this._isOpen()) this._sendRefresh(generation);
+  }
+
+  /** The relay takes at most one refresh per 10 s per connection: a refresh that would come
+   * sooner (a token living under about 13 s) waits for its turn. */
+  _sendRefresh(generation) {
+    const wait = this._lastRefreshSent ? REFRESH_INTERVAL - (Date.now() - this._lastRefreshSent) : 0;
+    if (wait > 0) {
+      this._setTimer('refresh', wait, () => {
+        if (generation === this._generation && this._isOpen()) this._sendRefresh(generation);
+      });
+      return;
+    }
+    this._lastRefreshSent = Date.now();
+    this._send({ op: 'refresh', token: this._token });
   }
 
   // ------------------------------------------------------------------------------------------
