@@ -19,6 +19,12 @@
 // subscribed frame is waited for too), so no measured event can be published
 // before its subscribers exist.
 //
+// --ports P1,P2,... connects the subscribers to several relays of a cluster (subscriber i to
+// port (i + i / topics) mod count: each topic's subscribers dealt round robin over the ports);
+// the result then gives deliveries per port and, with --server-pids, CPU per process.
+//
+// Latency is taken in user space: CLOCK_MONOTONIC when read() returns, minus "t".
+//
 // Throughput runs may pass --coalesce-us: the readers pause that long between
 // epoll rounds, so that each read takes several frames and the reader costs less
 // CPU on this shared 2-core machine (it adds up to that much latency, so latency
@@ -80,6 +86,8 @@ static struct {
     int threads;     /* subscriber reader threads */  /* nchan: events a subscriber never got are reported, not an error */
     int coalesce_us; /* throughput runs: pause between epoll rounds so each read takes several frames */
     const char *server_pids;
+    int ports[16];   /* --ports: subscriber i connects to ports[i % nports] (several relays of a cluster) */
+    int nports;
 } o = {
     .server = RELAY, .host = "127.0.0.1", .port = 8765, .prefix = "b", .subs = 1, .topics = 1,
     .events = 1000, .pubconns = 1, .window = 16, .pad = 24, .timeout = 60, .quiet = 3,
@@ -371,6 +379,7 @@ struct sub {
     int fd;
     int topic;
     uint16_t worker;
+    uint8_t port_idx; /* which of --ports */
     uint8_t state, subscribed, warmed;
     char *buf; /* unparsed bytes (handshake answer or a partial frame) */
     uint32_t blen, bcap;
@@ -391,6 +400,7 @@ struct wk {
     long nsamples, cap;
     char first_error[256];
     long close_codes[8]; /* 1000,1001,1008,1011,1013,4401,4403,other */
+    atomic_long port_deliveries[16]; /* measured deliveries per --ports entry */
 };
 
 #define RBUF_SIZE (1 << 20)
@@ -429,7 +439,7 @@ static void sub_start(int i) {
     if (s->fd < 0) die("socket");
     int one = 1;
     setsockopt(s->fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)o.port)};
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons((uint16_t)o.ports[s->port_idx])};
     inet_pton(AF_INET, o.host, &a.sin_addr);
     s->state = S_CONNECTING;
     w->pending++;
@@ -504,6 +514,9 @@ static void text_frame(struct wk *w, struct sub *s, const char *p, size_t len, u
     atomic_store_explicit(&w->deliveries, atomic_load_explicit(&w->deliveries, memory_order_relaxed) + 1,
                           memory_order_relaxed);
     atomic_store_explicit(&w->last_delivery, now, memory_order_relaxed);
+    atomic_store_explicit(&w->port_deliveries[s->port_idx],
+                          atomic_load_explicit(&w->port_deliveries[s->port_idx], memory_order_relaxed) + 1,
+                          memory_order_relaxed);
     if (atomic_load_explicit(&measuring, memory_order_relaxed) && w->nsamples < w->cap)
         w->samples[w->nsamples++] = now > sent ? now - sent : 0;
 }
@@ -657,6 +670,30 @@ static void *reader(void *arg) {
 
 // ---------------------------------------------------------------- server CPU
 
+/* CPU seconds of each of --server-pids (at most 16), in their order; returns how many. */
+static int server_cpu_each(double *each) {
+    int k = 0;
+    long tick = sysconf(_SC_CLK_TCK);
+    char list[1024];
+    snprintf(list, sizeof list, "%s", o.server_pids);
+    for (char *tok = strtok(list, ","); tok && k < 16; tok = strtok(NULL, ","), k++) {
+        char path[64], buf[4096];
+        each[k] = 0;
+        snprintf(path, sizeof path, "/proc/%s/stat", tok);
+        FILE *f = fopen(path, "r");
+        if (!f) continue;
+        size_t n = fread(buf, 1, sizeof buf - 1, f);
+        fclose(f);
+        buf[n] = 0;
+        char *p = strrchr(buf, ')');
+        if (!p) continue;
+        unsigned long ut = 0, st = 0;
+        if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %lu %lu", &ut, &st) == 2)
+            each[k] = (double)(ut + st) / (double)tick;
+    }
+    return k;
+}
+
 static double server_cpu(void) {
     double total = 0;
     long tick = sysconf(_SC_CLK_TCK);
@@ -708,7 +745,9 @@ static void usage(void) {
             "usage: loadgen --server relay|nchan --port P --pubsock PATH [--token JWT] [--subs N] [--topics T]\n"
             "       [--events E] [--rate R] [--pub-seconds S] [--pubconns K] [--window W] [--pad B]\n"
             "       [--timeout S] [--quiet S] [--idle] [--no-warmup] [--prefix P] [--server-pids a,b]\n"
-            "       [--coalesce-us U] [--max-pending N] [--allow-loss] [--threads N]\n");
+            "       [--coalesce-us U] [--max-pending N] [--allow-loss] [--threads N] [--ports P1,P2,...]\n"
+            "--ports spreads the subscribers round robin over several ports (relays of a cluster);\n"
+            "the result then counts deliveries per port and --server-pids CPU per process.\n");
     exit(2);
 }
 
@@ -741,8 +780,17 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--coalesce-us")) o.coalesce_us = atoi(ARG);
         else if (!strcmp(a, "--allow-loss")) o.allow_loss = 1;
         else if (!strcmp(a, "--threads")) o.threads = atoi(ARG);
-        else usage();
+        else if (!strcmp(a, "--ports")) {
+            char list[512];
+            snprintf(list, sizeof list, "%s", ARG);
+            o.nports = 0;
+            for (char *tok = strtok(list, ","); tok; tok = strtok(NULL, ",")) {
+                if (o.nports == 16) usage();
+                o.ports[o.nports++] = atoi(tok);
+            }
+        } else usage();
     }
+    if (o.nports == 0) o.ports[o.nports++] = o.port;
     if (!o.pubsock || (o.server == RELAY && !o.token) || o.topics < 1 || o.pubconns < 1 || o.pubconns > 64 ||
         o.threads < 1 || o.threads > 64)
         usage();
@@ -772,6 +820,8 @@ int main(int argc, char **argv) {
     for (int i = 0; i < o.subs; i++) {
         subs[i].topic = i % o.topics;
         subs[i].worker = (uint16_t)(i % nwk);
+        /* each topic's subscribers dealt round robin over the ports, every port getting topics too */
+        subs[i].port_idx = (uint8_t)((i + i / o.topics) % o.nports);
         subcount_of_topic[subs[i].topic]++;
     }
 
@@ -837,6 +887,10 @@ int main(int argc, char **argv) {
     }
 
     /* ---- measure */
+    double each0[16] = {0}, each1[16] = {0};
+    for (int k = 0; k < nwk; k++)
+        for (int q = 0; q < 16; q++) atomic_store(&wks[k].port_deliveries[q], 0);
+    server_cpu_each(each0);
     double cpu0 = cpu_of(RUSAGE_SELF), tcpu0 = cpu_of(RUSAGE_THREAD), scpu0 = server_cpu(), busy0 = machine_busy();
     uint64_t m0 = mono();
     long expected = 0;
@@ -915,6 +969,7 @@ int main(int argc, char **argv) {
         if (expected < 0) expected = 0;
     }
     double cpu = cpu_of(RUSAGE_SELF) - cpu0, tcpu = cpu_of(RUSAGE_THREAD) - tcpu0, scpu = server_cpu() - scpu0;
+    int npids = server_cpu_each(each1);
     double other = machine_busy() - busy0 - cpu - scpu; /* everything else on the machine */
     if (other < 0) other = 0;
     double wall = (double)(mono() - m0) / 1e9;
@@ -966,7 +1021,7 @@ int main(int argc, char **argv) {
            "\"other_cpu_s\":%.3f,\"wall_s\":%.3f,"
            "\"pub_responses\":%ld,\"pub_bad\":%ld,\"first_bad\":\"%s\",\"errors\":%ld,\"frames\":%ld,\"pings\":%ld,"
            "\"reads\":%ld,\"epoll_waits\":%ld,\"close_1001\":%ld,\"close_1013\":%ld,\"close_other\":%ld,"
-           "\"timed_out\":%s,\"phase\":\"%s\"}\n",
+           "\"timed_out\":%s,\"phase\":\"%s\",",
            ok ? "true" : "false", o.server == RELAY ? "relay" : "nchan", o.subs, o.topics, tot.open, tot.subscribed,
            tot.failed, tot.refused, tot.closed, connect_s, warm_s, warm_rounds, nwk, npconns, pub, pub_span, expected,
            deliveries, span, complete ? "true" : "false", expected > deliveries ? expected - deliveries : 0,
@@ -975,6 +1030,15 @@ int main(int argc, char **argv) {
            nsamples ? samples[nsamples - 1] / 1e3 : 0, mean / 1e3, nsamples, cpu, tcpu, scpu, other, wall,
            pub_responses_total, pub_bad_total, first_bad, errors, frames_n, pings, reads, waits, codes[1], codes[4],
            codes[0] + codes[2] + codes[3] + codes[5] + codes[6] + codes[7], timed_out ? "true" : "false", phase);
+    printf("\"server_cpu_each_s\":[");
+    for (int k = 0; k < npids; k++) printf("%s%.3f", k ? "," : "", each1[k] - each0[k]);
+    printf("],\"deliveries_by_port\":[");
+    for (int q = 0; q < o.nports; q++) {
+        long d = 0;
+        for (int k = 0; k < nwk; k++) d += atomic_load(&wks[k].port_deliveries[q]);
+        printf("%s%ld", q ? "," : "", d);
+    }
+    printf("]}\n");
     if (first_error[0]) fprintf(stderr, "loadgen: first error: %s\n", first_error);
     if (first_bad[0]) fprintf(stderr, "loadgen: first rejected publish: %s\n", first_bad);
     fflush(stdout);
