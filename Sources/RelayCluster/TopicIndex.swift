@@ -22,22 +22,7 @@
 
 import NIOCore
 import RESP
-
-/// The newest event of one topic, as a pattern snapshot found it.
-public struct IndexedTopic: Sendable, Equatable {
-    public var topic: String
-    public var epoch: String
-    public var seq: UInt64
-    /// The event's JSON object as emitted (without `seq`).
-    public var object: ByteBuffer
-
-    public init(topic: String, epoch: String, seq: UInt64, object: ByteBuffer) {
-        self.topic = topic
-        self.epoch = epoch
-        self.seq = seq
-        self.object = object
-    }
-}
+import RelayHub
 
 /// The scripts of ``TopicIndex``.
 enum TopicIndexScripts {
@@ -100,8 +85,9 @@ public struct TopicIndex: Sendable {
 
     private var indexKey: String { self.prefix + ":topics" }
 
-    /// The newest event of up to `limit` topics whose names start with `topicPrefix`, in name order.
-    public func snapshot(topicPrefix: String, limit: Int = TopicIndex.snapshotLimit) -> EventLoopFuture<[IndexedTopic]> {
+    /// The newest event of up to `limit` topics whose names start with `topicPrefix`, in name order,
+    /// each with its topic's epoch and its seq.
+    public func snapshot(topicPrefix: String, limit: Int = TopicIndex.snapshotLimit) -> EventLoopFuture<[SequencedEvent]> {
         self.connection.send("EVAL", TopicIndexScripts.snapshot, "1", self.indexKey, self.prefix, topicPrefix, String(limit))
             .flatMapThrowing { reply in
                 guard case .array(let items?) = reply else {
@@ -115,7 +101,7 @@ public struct TopicIndex: Sendable {
                     else {
                         throw SequencerError.unexpectedReply(command: "EVAL snapshot", reply: "\(item)")
                     }
-                    return IndexedTopic(
+                    return SequencedEvent(
                         topic: String(buffer: topic), epoch: String(buffer: epoch), seq: UInt64(seq), object: object)
                 }
             }

@@ -709,7 +709,7 @@ final class ClusterCoordinator {
 
     /// Takes the newest events of topics nobody here follows into the hub (followed topics are
     /// current already).
-    private func takeSnapshot(_ topics: [IndexedTopic]) {
+    private func takeSnapshot(_ topics: [SequencedEvent]) {
         for entry in topics where !follower.holds(entry.topic) {
             if let position = hub.position(of: entry.topic), position.epoch == entry.epoch, position.seq >= entry.seq {
                 continue
