@@ -91,6 +91,8 @@ public struct ClusterPublisherConfiguration: Sendable {
     public var reconnectAfterStall: TimeAmount
     /// How long a TCP or Unix-socket connect may take.
     public var connectTimeout: TimeAmount
+    /// Lines per script call (the batch script above 1): fewer calls cost Redis less per line.
+    public var linesPerCall: Int
 
     /// A configuration with the relay's defaults for everything not given.
     public init(
@@ -109,6 +111,7 @@ public struct ClusterPublisherConfiguration: Sendable {
         self.stallTimeout = .seconds(1)
         self.reconnectAfterStall = .seconds(30)
         self.connectTimeout = .seconds(5)
+        self.linesPerCall = 16
     }
 }
 
@@ -318,6 +321,9 @@ final class PublisherCore {
     private var inFlightBytes = 0
     private var pumping = false
     private var retryBackoff: TimeAmount
+    /// After a batch was refused as a whole, lines up to this counter go one per call, so that
+    /// the one Redis keeps refusing is found and skipped.
+    private var singlesThrough: UInt64 = 0
 
     /// Commands of this connection waiting for replies (script calls, advance, pings).
     private var outstanding = 0
@@ -575,19 +581,72 @@ final class PublisherCore {
             }
             guard let (line, resend) = self.queue.nextToSend() else { break }
             if resend { resent += 1 }
-            self.inFlight += 1
-            self.inFlightBytes += line.bytes
+            var lines = [line]
+            let limit = line.counter <= self.singlesThrough ? 1 : self.configuration.linesPerCall
+            var bytes = line.bytes
+            while lines.count < limit, self.inFlight + lines.count < self.configuration.pipelineDepth,
+                self.inFlightBytes + bytes < self.configuration.maximumInFlightBytes,
+                let (next, again) = self.queue.nextToSend()
+            {
+                if again { resent += 1 }
+                lines.append(next)
+                bytes += next.bytes
+            }
+            self.inFlight += lines.count
+            self.inFlightBytes += bytes
             self.noteSent()
             if self.rttProbe == nil, self.lastActivity - self.lastRoundTripReport >= .milliseconds(100) {
                 self.rttProbe = (line.counter, .now())
             }
+            if lines.count > 1 {
+                let batch = lines.map { BatchLine(topic: $0.topic, line: $0.line, counter: $0.counter) }
+                sequencer.publishBatch(batch, firstUnacknowledged: first).assumeIsolated().whenComplete { result in
+                    self.batchAnswered(lines, bytes: bytes, round: round, generation: generation, result: result)
+                }
+                continue
+            }
             let counter = line.counter
-            let bytes = line.bytes
             sequencer.publish(topic: line.topic, line: line.line, counter: counter, firstUnacknowledged: first)
                 .assumeIsolated().whenComplete { result in
                     self.lineAnswered(counter: counter, bytes: bytes, round: round, generation: generation, result: result)
                 }
         }
+    }
+
+    /// The reply of a batch: each line's outcome as a one-line call's would be; an error for the
+    /// call as a whole as for one line, except that a refusal of another kind than "cannot write
+    /// now" sends the batch's lines again one per call, to find the line to skip.
+    private func batchAnswered(
+        _ lines: [PendingLine], bytes: Int, round: UInt64, generation: UInt64,
+        result: Result<[PublishOutcome], any Error>
+    ) {
+        self.noteReply(generation: generation)
+        guard round == self.round else { return }
+        self.inFlight -= lines.count
+        self.inFlightBytes -= bytes
+        switch result {
+        case .success(let outcomes):
+            for (line, outcome) in zip(lines, outcomes) {
+                switch outcome {
+                case .published, .duplicate:
+                    self.acknowledged(line.counter, outcome)
+                case .gap:
+                    self.breakRound(backoff: false)
+                }
+            }
+        case .failure(let error):
+            switch Self.classify(error) {
+            case .connectionLost(let reason), .wrongServer(let reason):
+                self.connectionLost(generation: generation, reason: reason)
+                return
+            case .refused(let reason):
+                self.refused(reason)
+            case .rejected:
+                self.singlesThrough = max(self.singlesThrough, lines.last!.counter)
+                self.breakRound(backoff: false)
+            }
+        }
+        self.roundReplyHandled()
     }
 
     private func sendAdvance(to counter: UInt64, sequencer: TopicSequencer, round: UInt64, generation: UInt64) {

@@ -143,6 +143,9 @@ public final class TopicSequencer: Sendable {
     public let runID: String
     /// The SHA-1 of ``SequencerScript/source``, as `SCRIPT LOAD` returned it.
     public let sha: String
+    /// The SHA-1 of ``SequencerScript/batchSource``; nil when it was not loaded (then
+    /// ``publishBatch(_:firstUnacknowledged:)`` is not available).
+    public let batchSha: String?
 
     private let indexKey: String
     private let nodeKey: String
@@ -150,11 +153,12 @@ public final class TopicSequencer: Sendable {
     /// Creates a sequencer for a script already loaded under `sha`.
     public init(
         connection: RedisCommandConnection, sha: String, prefix: String, nodeName: String, history: Int,
-        ttlSeconds: Int, runID: String? = nil
+        ttlSeconds: Int, runID: String? = nil, batchSha: String? = nil
     ) {
         precondition(history > 0 && ttlSeconds > 0, "history and ttl must be positive")
         self.connection = connection
         self.sha = sha
+        self.batchSha = batchSha
         self.prefix = prefix
         self.nodeName = nodeName
         self.history = history
@@ -172,10 +176,10 @@ public final class TopicSequencer: Sendable {
         on connection: RedisCommandConnection, prefix: String, nodeName: String, history: Int, ttlSeconds: Int,
         runID: String? = nil
     ) -> EventLoopFuture<TopicSequencer> {
-        SequencerScript.load(on: connection).map { sha in
+        SequencerScript.load(on: connection).and(SequencerScript.loadBatch(on: connection)).map { sha, batchSha in
             TopicSequencer(
                 connection: connection, sha: sha, prefix: prefix, nodeName: nodeName, history: history,
-                ttlSeconds: ttlSeconds, runID: runID)
+                ttlSeconds: ttlSeconds, runID: runID, batchSha: batchSha)
         }
     }
 
@@ -264,7 +268,7 @@ public final class TopicSequencer: Sendable {
         return digits > 0 ? value : nil
     }
 
-    fileprivate var keyArguments: (index: String, node: String) { (self.indexKey, self.nodeKey) }
+    var keyArguments: (index: String, node: String) { (self.indexKey, self.nodeKey) }
 }
 
 /// The arguments of one script call, kept so that a call can be encoded again after `NOSCRIPT`.
@@ -301,9 +305,9 @@ private struct ScriptCall: Sendable {
     /// `EVALSHA sha 4 P:m:{T} P:h:{T} P:topics P:n:<node> mode T P:t:T run epoch history ttl ...`,
     /// written without building an array or a key string.
     func encode(into buffer: inout ByteBuffer) {
-        let meta = TopicName(prefix: self.prefix, kind: ":m:{", topic: self.topic, suffix: "}")
-        let historyKey = TopicName(prefix: self.prefix, kind: ":h:{", topic: self.topic, suffix: "}")
-        let channel = TopicName(prefix: self.prefix, kind: ":t:", topic: self.topic, suffix: "")
+        let meta = PrefixedName(prefix: self.prefix, kind: ":m:{", topic: self.topic, suffix: "}")
+        let historyKey = PrefixedName(prefix: self.prefix, kind: ":h:{", topic: self.topic, suffix: "}")
+        let channel = PrefixedName(prefix: self.prefix, kind: ":t:", topic: self.topic, suffix: "")
         switch self.mode {
         case .publish(let line, let counter, let first):
             RESPCommand.encode(
@@ -320,7 +324,7 @@ private struct ScriptCall: Sendable {
 }
 
 /// A key or channel name `<prefix><kind><topic><suffix>`, written as one bulk string in place.
-private struct TopicName: RESPArgument {
+struct PrefixedName: RESPArgument {
     let prefix: String
     let kind: StaticString
     let topic: String

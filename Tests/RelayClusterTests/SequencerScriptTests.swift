@@ -94,6 +94,37 @@ struct SequencerScriptTests {
         }
     }
 
+    @Test func aBatchAppliesEachLineAsTheOneLineScriptWould() async throws {
+        try await withRedis { _, redis in
+            let a = try await sequencer(redis, node: "a")
+            func batch(_ counters: ClosedRange<Int>, first: Int? = nil) async throws -> [String] {
+                let lines = counters.map { BatchLine(topic: $0 % 2 == 0 ? "even" : "odd", line: line("\($0)"), counter: UInt64($0)) }
+                return try await a.publishBatch(lines, firstUnacknowledged: UInt64(first ?? counters.lowerBound)).get().map {
+                    switch $0 {
+                    case .published(let seq, _): return "\(seq)"
+                    case .duplicate: return "dup"
+                    case .gap: return "gap"
+                    }
+                }
+            }
+            // Nothing landed in this run yet: a batch must start at the oldest unacknowledged line.
+            #expect(try await batch(2...3, first: 1) == ["gap", "gap"])
+            #expect(try await redis.send("EXISTS", "P:n:a", "P:m:{odd}", "P:m:{even}").get() == .integer(0))
+            #expect(try await batch(1...4) == ["1", "1", "2", "2"])  // per topic: odd 1, even 1, odd 2, even 2
+            // A resend overlapping what landed: the landed lines are dropped, the rest apply.
+            #expect(try await batch(3...6) == ["dup", "dup", "3", "3"])
+            // A line after a missing one ends the call: it and every later one are refused.
+            #expect(try await batch(8...9) == ["gap", "gap"])
+            #expect(try await batch(7...8) == ["4", "4"])
+            #expect(try await redis.send("GET", "P:n:a").get() == bulk("\(redis.runID) 8"))
+            #expect(try await redis.send("HGET", "P:m:{odd}", "s").get() == bulk("4"))
+            #expect(try await redis.send("XLEN", "P:h:{even}").get() == .integer(4))
+            // One batch after SCRIPT FLUSH: loaded again, applied once.
+            _ = try await redis.send("SCRIPT", "FLUSH").get()
+            #expect(try await batch(9...10) == ["5", "5"])
+        }
+    }
+
     @Test func readOfATopicThatNeverHadAnEvent() async throws {
         try await withRedis { _, redis in
             let a = try await sequencer(redis)
