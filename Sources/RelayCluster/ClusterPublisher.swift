@@ -601,22 +601,22 @@ final class PublisherCore {
             if lines.count > 1 {
                 let batch = lines.map { BatchLine(topic: $0.topic, line: $0.line, counter: $0.counter) }
                 sequencer.publishBatch(batch, firstUnacknowledged: first).assumeIsolated().whenComplete { result in
-                    self.batchAnswered(lines, bytes: bytes, round: round, generation: generation, result: result)
+                    self.callAnswered(lines, bytes: bytes, round: round, generation: generation, result: result)
                 }
                 continue
             }
-            let counter = line.counter
-            sequencer.publish(topic: line.topic, line: line.line, counter: counter, firstUnacknowledged: first)
+            sequencer.publish(topic: line.topic, line: line.line, counter: line.counter, firstUnacknowledged: first)
+                .map { [$0] }
                 .assumeIsolated().whenComplete { result in
-                    self.lineAnswered(counter: counter, bytes: bytes, round: round, generation: generation, result: result)
+                    self.callAnswered(lines, bytes: bytes, round: round, generation: generation, result: result)
                 }
         }
     }
 
-    /// The reply of a batch: each line's outcome as a one-line call's would be; an error for the
-    /// call as a whole as for one line, except that a refusal of another kind than "cannot write
-    /// now" sends the batch's lines again one per call, to find the line to skip.
-    private func batchAnswered(
+    /// The reply of one script call, of one line or a batch: each line's outcome in order. An error
+    /// is for the call as a whole. A refusal of another kind than "cannot write now" skips a lone
+    /// line, and sends a batch's lines again one per call, to find the line to skip.
+    private func callAnswered(
         _ lines: [PendingLine], bytes: Int, round: UInt64, generation: UInt64,
         result: Result<[PublishOutcome], any Error>
     ) {
@@ -631,6 +631,7 @@ final class PublisherCore {
                 case .published, .duplicate:
                     self.acknowledged(line.counter, outcome)
                 case .gap:
+                    // An earlier line did not land (its own reply said why): send again from the oldest.
                     self.breakRound(backoff: false)
                 }
             }
@@ -642,7 +643,11 @@ final class PublisherCore {
             case .refused(let reason):
                 self.refused(reason)
             case .rejected:
-                self.singlesThrough = max(self.singlesThrough, lines.last!.counter)
+                if lines.count == 1 {
+                    self.skip(lines[0].counter, error: error)
+                } else {
+                    self.singlesThrough = max(self.singlesThrough, lines.last!.counter)
+                }
                 self.breakRound(backoff: false)
             }
         }
@@ -675,34 +680,6 @@ final class PublisherCore {
             }
             self.roundReplyHandled()
         }
-    }
-
-    private func lineAnswered(
-        counter: UInt64, bytes: Int, round: UInt64, generation: UInt64, result: Result<PublishOutcome, any Error>
-    ) {
-        self.noteReply(generation: generation)
-        guard round == self.round else { return }
-        self.inFlight -= 1
-        self.inFlightBytes -= bytes
-        switch result {
-        case .success(.published), .success(.duplicate):
-            if case .success(let outcome) = result { self.acknowledged(counter, outcome) }
-        case .success(.gap):
-            // An earlier line did not land (its own reply said why): send again from the oldest.
-            self.breakRound(backoff: false)
-        case .failure(let error):
-            switch Self.classify(error) {
-            case .connectionLost(let reason), .wrongServer(let reason):
-                self.connectionLost(generation: generation, reason: reason)
-                return
-            case .refused(let reason):
-                self.refused(reason)
-            case .rejected:
-                self.skip(counter, error: error)
-                self.breakRound(backoff: false)
-            }
-        }
-        self.roundReplyHandled()
     }
 
     private func acknowledged(_ counter: UInt64, _ outcome: PublishOutcome) {
