@@ -220,7 +220,20 @@ public final class ClusterPublisher: Sendable {
     ///
     /// - Returns: whether ingest may go on reading; see ``PublisherEnqueueResult``.
     public func enqueue(topic: String, line: ByteBuffer) -> PublisherEnqueueResult {
-        self.core.value.enqueue(topic: topic, line: line)
+        self.core.value.enqueue(CollectionOfOne((topic, line)))
+    }
+
+    /// Queues lines read together, in order, and only then sends: so that they can share script
+    /// calls (``ClusterPublisherConfiguration/linesPerCall``) instead of each leaving alone while
+    /// the window has room. Call on ``eventLoop``.
+    ///
+    /// - Returns: whether ingest may go on reading, and how many lines were refused (the
+    ///   publisher is stopping).
+    public func enqueue<Lines: Sequence>(contentsOf lines: Lines) -> (result: PublisherEnqueueResult, refused: Int)
+    where Lines.Element == (topic: String, line: ByteBuffer) {
+        var refused = 0
+        let result = self.core.value.enqueue(lines.lazy.map { ($0.topic, $0.line) }, refused: &refused)
+        return (result, refused)
     }
 
     /// Whether the publisher can publish now, and if not, why. Call on ``eventLoop``; the
@@ -317,6 +330,9 @@ final class PublisherCore {
     private var roundNeedsAdvance = false
     private var roundMadeProgress = false
     private var roundWantsBackoff = false
+    /// Script calls sent in this round and not answered yet (the window is counted in calls: counted
+    /// in lines, each answered one-line call would free room for exactly one line, and under load
+    /// calls would never grow past one line).
     private var inFlight = 0
     private var inFlightBytes = 0
     private var pumping = false
@@ -376,9 +392,20 @@ final class PublisherCore {
         self.connect()
     }
 
-    func enqueue(topic: String, line: ByteBuffer) -> PublisherEnqueueResult {
-        guard !self.closing else { return .refused }
-        _ = self.queue.append(topic: topic, line: line)
+    func enqueue<Lines: Sequence>(_ lines: Lines) -> PublisherEnqueueResult where Lines.Element == (String, ByteBuffer) {
+        var refused = 0
+        return self.enqueue(lines, refused: &refused)
+    }
+
+    func enqueue<Lines: Sequence>(_ lines: Lines, refused: inout Int) -> PublisherEnqueueResult
+    where Lines.Element == (String, ByteBuffer) {
+        guard !self.closing else {
+            refused = lines.reduce(0) { count, _ in count + 1 }
+            return .refused
+        }
+        for (topic, line) in lines {
+            _ = self.queue.append(topic: topic, line: line)
+        }
         self.hooks.queueBytes(self.queue.bytes)
         self.pump()
         guard self.queue.isFull, !self.closed else { return .keepReading }
@@ -584,15 +611,14 @@ final class PublisherCore {
             var lines = [line]
             let limit = line.counter <= self.singlesThrough ? 1 : self.configuration.linesPerCall
             var bytes = line.bytes
-            while lines.count < limit, self.inFlight + lines.count < self.configuration.pipelineDepth,
-                self.inFlightBytes + bytes < self.configuration.maximumInFlightBytes,
+            while lines.count < limit, self.inFlightBytes + bytes < self.configuration.maximumInFlightBytes,
                 let (next, again) = self.queue.nextToSend()
             {
                 if again { resent += 1 }
                 lines.append(next)
                 bytes += next.bytes
             }
-            self.inFlight += lines.count
+            self.inFlight += 1
             self.inFlightBytes += bytes
             self.noteSent()
             if self.rttProbe == nil, self.lastActivity - self.lastRoundTripReport >= .milliseconds(100) {
@@ -622,7 +648,7 @@ final class PublisherCore {
     ) {
         self.noteReply(generation: generation)
         guard round == self.round else { return }
-        self.inFlight -= lines.count
+        self.inFlight -= 1
         self.inFlightBytes -= bytes
         switch result {
         case .success(let outcomes):

@@ -1,12 +1,15 @@
 // SequencerBatch: several lines in one call of a sequencing script.
 //
-// One script call per line costs Redis 16-21 µs on the test machine, most of it the call itself
-// (argument parsing, entering Lua), so one Redis core sequences at most 50-60k lines per
-// second. The batch script applies up to N consecutive lines of a relay in one call, each
-// exactly as the one-line script would (`SequencerScript.source`): the relay's counter decides
-// `dup` and `gap` line by line, and is set for each line before its topic is touched, so a call
-// that fails midway (a key of the wrong type) leaves the counter naming exactly the lines that
-// landed. A `gap` ends the call: that line and every later one are answered `gap`.
+// The batch script applies up to N consecutive lines of a relay in one call, each exactly as the
+// one-line script would (`SequencerScript.source`): the relay's counter decides `dup` and `gap`
+// line by line, and a `gap` ends the call (that line and every later one are answered `gap`).
+// Measured on the test machine (docs/benchmarks.md, "Issue 13"), most of a line's cost in Redis
+// is its own commands, not the call: so besides sharing the call, the batch writes the relay's
+// counter once per call instead of once per line, and draws one new epoch per call (a topic
+// takes it only when it starts an epoch, and epochs are compared per topic, so topics may share
+// one). A command that fails midway (a key of the wrong type) is caught: the counter is set to
+// name exactly the lines that landed, the failing one included as the one-line script would,
+// and the call answers the error.
 
 import NIOCore
 import RESP
@@ -15,44 +18,59 @@ extension SequencerScript {
     /// The batch script.
     ///
     /// KEYS: index `P:topics`, node `P:n:<node>`, then per line: meta `P:m:{T}`, history `P:h:{T}`.
-    /// ARGV: run_id, history, ttl, first, then per line: topic, channel, line, counter, new epoch.
+    /// ARGV: run_id, history, ttl, first, new epoch, then per line: topic, channel, line, counter.
     /// Returns one element per line: `dup`, `gap`, or `{seq, epoch}`.
     public static let batchSource = """
         local run, last = string.match(redis.call('GET', KEYS[2]) or '', '^(%w+) (%d+)$')
         local l = nil
         if run == ARGV[1] then l = tonumber(last) end
+        local landed = l
         local out = {}
-        local n = (#ARGV - 4) / 5
+        local n = (#ARGV - 5) / 4
+        local function apply(i, a)
+          local mk, hk = KEYS[3 + i * 2], KEYS[4 + i * 2]
+          local m = redis.call('HMGET', mk, 'e', 's', 'r')
+          local epoch, seq = m[1], tonumber(m[2] or '0')
+          local new = false
+          if not epoch or m[3] ~= ARGV[1] then
+            local newest = epoch and redis.call('XREVRANGE', hk, '+', '-', 'COUNT', 1)[1]
+            redis.call('DEL', hk)
+            epoch, seq, new = ARGV[5], 0, true
+            if newest then seq = 1; redis.call('XADD', hk, '1-0', 'd', newest[2][2]) end
+            redis.call('HSET', mk, 'e', epoch, 's', seq, 'r', ARGV[1])
+          end
+          seq = seq + 1
+          redis.call('HSET', mk, 's', seq)
+          redis.call('XADD', hk, 'MAXLEN', ARGV[2], seq .. '-0', 'd', ARGV[a + 2])
+          if new or seq == 1 then redis.call('ZADD', KEYS[1], 'NX', 0, ARGV[a]) end
+          redis.call('PUBLISH', ARGV[a + 1], seq .. ':' .. epoch .. ':' .. ARGV[a + 2])
+          redis.call('EXPIRE', mk, ARGV[3]); redis.call('EXPIRE', hk, ARGV[3])
+          return {seq, epoch}
+        end
+        local function counted()
+          if landed ~= l then redis.call('SET', KEYS[2], ARGV[1] .. ' ' .. l, 'EX', 604800) end
+        end
         for i = 0, n - 1 do
-          local a = 5 + i * 5
+          local a = 6 + i * 4
           local c = tonumber(ARGV[a + 3])
           if l and c <= l then
             out[#out + 1] = 'dup'
           elseif (l and c > l + 1) or ((not l) and c > tonumber(ARGV[4])) then
             for j = i, n - 1 do out[#out + 1] = 'gap' end
+            counted()
             return out
           else
             l = c
-            redis.call('SET', KEYS[2], ARGV[1] .. ' ' .. c, 'EX', 604800)
-            local mk, hk = KEYS[3 + i * 2], KEYS[4 + i * 2]
-            local m = redis.call('HMGET', mk, 'e', 's', 'r')
-            local epoch, seq = m[1], tonumber(m[2] or '0')
-            if not epoch or m[3] ~= ARGV[1] then
-              local newest = epoch and redis.call('XREVRANGE', hk, '+', '-', 'COUNT', 1)[1]
-              redis.call('DEL', hk)
-              epoch, seq = ARGV[a + 4], 0
-              if newest then seq = 1; redis.call('XADD', hk, '1-0', 'd', newest[2][2]) end
-              redis.call('HSET', mk, 'e', epoch, 's', seq, 'r', ARGV[1])
+            local ok, result = pcall(apply, i, a)
+            if not ok then
+              counted()
+              if type(result) == 'table' and result.err then return result end
+              return redis.error_reply(tostring(result))
             end
-            seq = seq + 1
-            redis.call('HSET', mk, 's', seq)
-            redis.call('XADD', hk, 'MAXLEN', ARGV[2], seq .. '-0', 'd', ARGV[a + 2])
-            redis.call('ZADD', KEYS[1], 'NX', 0, ARGV[a])
-            redis.call('PUBLISH', ARGV[a + 1], seq .. ':' .. epoch .. ':' .. ARGV[a + 2])
-            redis.call('EXPIRE', mk, ARGV[3]); redis.call('EXPIRE', hk, ARGV[3])
-            out[#out + 1] = {seq, epoch}
+            out[#out + 1] = result
           end
         end
+        counted()
         return out
         """
 
@@ -140,8 +158,8 @@ private struct BatchCall: Sendable {
     let ttl: Int
     let first: UInt64
     let lines: [BatchLine]
-    /// One per line, drawn once, used by the script only when it starts a new epoch.
-    let epochs: [Epoch]
+    /// Drawn once per call, taken by the topics that start a new epoch in it.
+    let epoch: Epoch
 
     init(sequencer: TopicSequencer, sha: String, lines: [BatchLine], first: UInt64) {
         self.sha = sha
@@ -152,13 +170,13 @@ private struct BatchCall: Sendable {
         self.ttl = sequencer.ttlSeconds
         self.first = first
         self.lines = lines
-        self.epochs = lines.map { _ in Epoch.random() }
+        self.epoch = Epoch.random()
     }
 
-    /// `EVALSHA sha <2+2n> P:topics P:n:<node> (P:m:{T} P:h:{T})... run history ttl first (T P:t:T line counter epoch)...`
+    /// `EVALSHA sha <2+2n> P:topics P:n:<node> (P:m:{T} P:h:{T})... run history ttl first epoch (T P:t:T line counter)...`
     func encode(into buffer: inout ByteBuffer) {
         let n = lines.count
-        RESPCommand.writeHeader(count: 3 + (2 + 2 * n) + 4 + 5 * n, into: &buffer)
+        RESPCommand.writeHeader(count: 3 + (2 + 2 * n) + 5 + 4 * n, into: &buffer)
         "EVALSHA".writeRESPBulkString(into: &buffer)
         sha.writeRESPBulkString(into: &buffer)
         (2 + 2 * n).writeRESPBulkString(into: &buffer)
@@ -172,12 +190,12 @@ private struct BatchCall: Sendable {
         history.writeRESPBulkString(into: &buffer)
         ttl.writeRESPBulkString(into: &buffer)
         first.writeRESPBulkString(into: &buffer)
-        for (index, line) in lines.enumerated() {
+        epoch.writeRESPBulkString(into: &buffer)
+        for line in lines {
             line.topic.writeRESPBulkString(into: &buffer)
             PrefixedName(prefix: prefix, kind: ":t:", topic: line.topic, suffix: "").writeRESPBulkString(into: &buffer)
             line.line.writeRESPBulkString(into: &buffer)
             line.counter.writeRESPBulkString(into: &buffer)
-            epochs[index].writeRESPBulkString(into: &buffer)
         }
     }
 }

@@ -47,10 +47,11 @@ public enum SequencerScript {
         end
         local m = redis.call('HMGET', KEYS[1], 'e', 's', 'r')
         local epoch, seq = m[1], tonumber(m[2] or '0')
+        local new = false
         if not epoch or m[3] ~= ARGV[4] then               -- no state, or state from an earlier server run
           local newest = epoch and redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)[1]
           redis.call('DEL', KEYS[2])
-          epoch, seq = ARGV[5], 0
+          epoch, seq, new = ARGV[5], 0, true
           if newest then seq = 1; redis.call('XADD', KEYS[2], '1-0', 'd', newest[2][2]) end
           redis.call('HSET', KEYS[1], 'e', epoch, 's', seq, 'r', ARGV[4])
         end
@@ -58,7 +59,7 @@ public enum SequencerScript {
           seq = seq + 1
           redis.call('HSET', KEYS[1], 's', seq)
           redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[6], seq .. '-0', 'd', ARGV[8])
-          redis.call('ZADD', KEYS[3], 'NX', 0, ARGV[2])
+          if new or seq == 1 then redis.call('ZADD', KEYS[3], 'NX', 0, ARGV[2]) end  -- in it while the meta lives
           redis.call('PUBLISH', ARGV[3], seq .. ':' .. epoch .. ':' .. ARGV[8])
         end
         redis.call('EXPIRE', KEYS[1], ARGV[7]); redis.call('EXPIRE', KEYS[2], ARGV[7])

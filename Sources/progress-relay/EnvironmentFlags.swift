@@ -20,7 +20,7 @@ enum EnvironmentFlags {
             ("ping-interval", .single), ("state-file", .single), ("max-topics", .single),
             ("max-subscriptions", .single), ("topic-ttl", .single), ("log-level", .single), ("allow-tokens-without-exp", .toggle),
             ("dev", .toggle), ("redis", .single), ("redis-prefix", .single), ("redis-queue-bytes", .single),
-            ("node-name", .single),
+            ("redis-lines-per-call", .single), ("node-name", .single),
         ],
         "emit": [("socket", .single)],
         "token": [("jwt-secret-file", .single)],

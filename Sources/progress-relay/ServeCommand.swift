@@ -132,6 +132,11 @@ struct ServeCommand: AsyncParsableCommand {
     var redisQueueBytes: Int = 67_108_864
 
     @Option(
+        name: .customLong("redis-lines-per-call"),
+        help: "Emitted lines sent to Redis in one sequencing-script call (1 to 64; more costs Redis less per line).")
+    var redisLinesPerCall: Int = 16
+
+    @Option(
         name: .customLong("node-name"),
         help: "This relay's name in logs and in Redis (default host name and port; a random suffix is added).")
     var nodeName: String?
@@ -363,6 +368,9 @@ struct ServeCommand: AsyncParsableCommand {
         guard redisQueueBytes >= 65536 else {
             throw CLIError.usage("--redis-queue-bytes \(redisQueueBytes): must be at least 65536")
         }
+        guard (1...64).contains(redisLinesPerCall) else {
+            throw CLIError.usage("--redis-lines-per-call \(redisLinesPerCall): expected 1 to 64")
+        }
         let base = nodeName ?? (ProcessInfo.processInfo.hostName + ":" + String(port))
         guard Self.isClusterName(base, maximumLength: 100) else {
             throw CLIError.usage("--node-name \(base): expected 1 to 100 of A-Z a-z 0-9 _ - . : / @ =")
@@ -371,7 +379,8 @@ struct ServeCommand: AsyncParsableCommand {
         let alphabet = Array("0123456789abcdefghijklmnopqrstuvwxyz")
         let suffix = String((0..<6).map { _ in alphabet.randomElement()! })
         return ClusterSettings(
-            endpoint: endpoint, prefix: redisPrefix, queueBytes: redisQueueBytes, nodeName: base + "-" + suffix)
+            endpoint: endpoint, prefix: redisPrefix, queueBytes: redisQueueBytes, linesPerCall: redisLinesPerCall,
+            nodeName: base + "-" + suffix)
     }
 
     /// Names that go into Redis keys and channel patterns: topic characters only (no glob characters, no braces).

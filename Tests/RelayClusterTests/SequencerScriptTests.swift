@@ -122,6 +122,15 @@ struct SequencerScriptTests {
             // One batch after SCRIPT FLUSH: loaded again, applied once.
             _ = try await redis.send("SCRIPT", "FLUSH").get()
             #expect(try await batch(9...10) == ["5", "5"])
+            // A key of the wrong type fails the call at its line: the counter then names the lines
+            // before it and that line (as the one-line script, which counts a line before touching
+            // its topic), so a resend answers them `dup` and the rest apply.
+            _ = try await redis.send("SET", "P:m:{bad}", "not a hash").get()
+            let mixed = [11, 12, 13].map { BatchLine(topic: $0 == 12 ? "bad" : "odd", line: line("\($0)"), counter: UInt64($0)) }
+            await #expect(throws: RedisReplyError.self) { try await a.publishBatch(mixed, firstUnacknowledged: 11).get() }
+            #expect(try await redis.send("GET", "P:n:a").get() == bulk("\(redis.runID) 12"))
+            #expect(try await redis.send("HGET", "P:m:{odd}", "s").get() == bulk("6"))
+            #expect(try await batch(13...13) == ["7"])
         }
     }
 

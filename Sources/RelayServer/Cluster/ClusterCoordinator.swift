@@ -34,20 +34,24 @@ import NIOCore
 import RelayCluster
 import RelayHub
 
-/// Cluster mode's settings (`--redis`, `--redis-prefix`, `--redis-queue-bytes`, `--node-name`).
+/// Cluster mode's settings (`--redis`, `--redis-prefix`, `--redis-queue-bytes`, `--redis-lines-per-call`,
+/// `--node-name`).
 public struct ClusterSettings: Sendable {
     public var endpoint: RedisEndpoint
     /// The prefix `P` of every key and channel.
     public var prefix: String
     /// Ingest bytes that may wait for Redis before emitters are held back.
     public var queueBytes: Int
+    /// Emitted lines per sequencing-script call (1 to 64).
+    public var linesPerCall: Int
     /// This process's node name, unique per process (the CLI adds a random suffix).
     public var nodeName: String
 
-    public init(endpoint: RedisEndpoint, prefix: String, queueBytes: Int, nodeName: String) {
+    public init(endpoint: RedisEndpoint, prefix: String, queueBytes: Int, linesPerCall: Int = 16, nodeName: String) {
         self.endpoint = endpoint
         self.prefix = prefix
         self.queueBytes = queueBytes
+        self.linesPerCall = linesPerCall
         self.nodeName = nodeName
     }
 }
@@ -170,11 +174,12 @@ final class ClusterCoordinator {
         hooks.roundTrip = { metrics.roundTrip(nanoseconds: $0.nanoseconds) }
         hooks.readiness = { _ in cell.value?.readinessChanged() }
         hooks.linked = { cell.value?.commandConnectionLinked() }
+        var configuration = ClusterPublisherConfiguration(
+            nodeName: setup.settings.nodeName, prefix: setup.settings.prefix, history: setup.history,
+            topicTTLSeconds: setup.topicTTLSeconds, queueBytes: setup.settings.queueBytes)
+        configuration.linesPerCall = setup.settings.linesPerCall
         let publisher = ClusterPublisher(
-            endpoint: setup.settings.endpoint,
-            configuration: ClusterPublisherConfiguration(
-                nodeName: setup.settings.nodeName, prefix: setup.settings.prefix, history: setup.history,
-                topicTTLSeconds: setup.topicTTLSeconds, queueBytes: setup.settings.queueBytes),
+            endpoint: setup.settings.endpoint, configuration: configuration,
             eventLoop: loop, logger: setup.logger, hooks: hooks)
         let coordinator = ClusterCoordinator(
             loop: loop, hub: hub, outlet: outlet, setup: setup, publisher: publisher, cell: cell)
@@ -218,19 +223,15 @@ final class ClusterCoordinator {
         // seen at 10,000 topics). One compact copy per batch keeps memory at what is queued.
         var compact = allocator.buffer(capacity: events.reduce(0) { $0 + $1.object.readableBytes })
         for event in events { compact.writeImmutableBuffer(event.object) }
-        var pause: EventLoopFuture<Void>?
-        var refused = 0
         var offset = compact.readerIndex
-        for event in events {
+        let lines = events.map { event -> (topic: String, line: ByteBuffer) in
             let length = event.object.readableBytes
-            let line = compact.getSlice(at: offset, length: length)!
-            offset += length
-            switch publisher.enqueue(topic: event.topic, line: line) {
-            case .keepReading: break
-            case .pause(let until): pause = until
-            case .refused: refused += 1
-            }
+            defer { offset += length }
+            return (event.topic, compact.getSlice(at: offset, length: length)!)
         }
+        let (result, refused) = publisher.enqueue(contentsOf: lines)
+        var pause: EventLoopFuture<Void>?
+        if case .pause(let until) = result { pause = until }
         if refused > 0 {
             logger.warning("lines read after the relay began stopping were not published", metadata: ["lines": "\(refused)"])
         }
