@@ -11,6 +11,8 @@ struct HistoryRing {
     let capacity: Int
     /// Seq of the newest frame held (0 when empty).
     private(set) var lastSeq: UInt64 = 0
+    /// Readable bytes of the frames held, for `--max-history-bytes`.
+    private(set) var bytes = 0
 
     init(capacity: Int) {
         self.capacity = max(0, capacity)
@@ -26,12 +28,30 @@ struct HistoryRing {
     mutating func append(_ frame: ByteBuffer, seq: UInt64) {
         lastSeq = seq
         guard capacity > 0 else { return }
+        bytes += frame.readableBytes
         if slots.count < capacity {
             slots.append(frame)
         } else {
+            bytes -= slots[start].readableBytes
             slots[start] = frame
             start = (start + 1) % capacity
         }
+    }
+
+    /// The frame at `index`, oldest first.
+    func frame(at index: Int) -> ByteBuffer { slots[(start + index) % slots.count] }
+
+    /// Drops the `count` oldest frames (`--max-history-bytes`); the numbering stays, so a resume
+    /// into what was dropped is answered as one older than the ring.
+    ///
+    /// Copies what is left (at most `--history` frames) so that appending keeps its simple form;
+    /// eviction calls it once per topic it trims in a batch, and keeps at most one topic partly.
+    mutating func dropOldest(_ count: Int) {
+        guard count > 0 else { return }
+        let kept = all.dropFirst(count)
+        bytes = kept.reduce(0) { $0 + $1.readableBytes }
+        slots = Array(kept)
+        start = 0
     }
 
     /// Continues the numbering at `seq` while holding nothing (a topic restored without history).

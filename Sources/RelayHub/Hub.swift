@@ -25,8 +25,24 @@ public struct HubConfiguration: Sendable {
     public var loopCount: Int
     /// Newest events a pattern subscription starts with.
     public var patternSnapshotLimit: Int
+    /// Pattern subscriptions of all connections together (`--max-pattern-subscriptions-total`):
+    /// every published event is matched against each prefix, so their number is the hub's
+    /// per-event cost, and the per-connection bound alone does not bound it.
+    public var maxPatternSubscriptions: Int
     /// Who numbers events; fixed for the hub's life (see `HubSequencing`).
     public var sequencing: HubSequencing
+    /// Bytes of stored events over all topics (`--max-history-bytes`, HistoryBytes.swift).
+    public var maxHistoryBytes: Int
+    /// What each topic counts against `maxHistoryBytes` besides its frames.
+    public var topicOverheadBytes: Int
+    /// What each stored frame counts besides its bytes (its buffer's storage object, malloc
+    /// rounding, its ring slot): for small events this is most of their cost.
+    public var frameOverheadBytes: Int
+
+    /// Memory a topic takes besides its frames, measured (docs/hardening.md, "Stored history").
+    public static let measuredTopicOverheadBytes = 864
+    /// Memory a stored frame takes besides its bytes, measured (docs/hardening.md, "Stored history").
+    public static let measuredFrameOverheadBytes = 184
 
     public init(
         historyLimit: Int = 100,
@@ -34,14 +50,22 @@ public struct HubConfiguration: Sendable {
         topicTTL: UInt64 = 3600 * 1_000_000_000,
         loopCount: Int = 1,
         patternSnapshotLimit: Int = 1000,
-        sequencing: HubSequencing = .local
+        maxPatternSubscriptions: Int = 10_000,
+        sequencing: HubSequencing = .local,
+        maxHistoryBytes: Int = 268_435_456,
+        topicOverheadBytes: Int = HubConfiguration.measuredTopicOverheadBytes,
+        frameOverheadBytes: Int = HubConfiguration.measuredFrameOverheadBytes
     ) {
         self.historyLimit = historyLimit
         self.maxTopics = maxTopics
         self.topicTTL = topicTTL
         self.loopCount = loopCount
         self.patternSnapshotLimit = patternSnapshotLimit
+        self.maxPatternSubscriptions = maxPatternSubscriptions
         self.sequencing = sequencing
+        self.maxHistoryBytes = maxHistoryBytes
+        self.topicOverheadBytes = topicOverheadBytes
+        self.frameOverheadBytes = frameOverheadBytes
     }
 }
 
@@ -90,6 +114,8 @@ public struct Subscription: Sendable {
     public var recovered: Bool
     /// Replayed events, or the newest event(s), in the order to send them.
     public var frames: [ByteBuffer]
+    /// True when a pattern was not subscribed: the relay holds `maxPatternSubscriptions` already.
+    public var refused = false
 }
 
 /// Counts for `/stats` and metrics.
@@ -111,9 +137,19 @@ public final class Hub {
     /// Pattern subscriptions by prefix, and a version that invalidates every topic's targets.
     private var patterns: [String: [SubscriberID]] = [:]
     private var patternVersion: UInt64 = 1
+    /// Pattern subscriptions held, all prefixes together (bounded by `maxPatternSubscriptions`).
+    public private(set) var patternSubscriptions = 0
     private var exactSubscriptions = 0
     /// Events published since start, to order topics by their newest event.
     var eventCount: UInt64 = 0
+    /// Topics holding history beyond their newest event, for `--max-history-bytes`.
+    var historyList = HistoryList()
+    /// Bytes counted against `--max-history-bytes`: every frame held, each once, and each topic's overhead.
+    public internal(set) var historyBytes = 0
+    public internal(set) var historyEvictions = HistoryEvictions()
+    /// Steps eviction has taken (frames looked at or copied, topics visited): lets tests check
+    /// that it stays amortised O(1) per event by counting work rather than timing it.
+    var evictionWork = 0
 
     /// - Parameter epochPrefix: differs on every start without state, so epochs never repeat.
     public init(configuration: HubConfiguration, epochPrefix: String) {
@@ -156,6 +192,7 @@ public final class Hub {
             }
             eventCount += 1
             topic.append(frame, order: eventCount, now: now)
+            settle(topic, eventArrived: true)
             if topic.subscriberCount == 0 { idle.append(topic) }
 
             let targets = self.targets(of: topic)
@@ -168,6 +205,7 @@ public final class Hub {
             previous = topic
         }
         if created { enforceTopicLimit() }
+        enforceHistoryBytes()
         return FanOut(loops: plan, deliveryCount: deliveries)
     }
 
@@ -213,6 +251,10 @@ public final class Hub {
     private func subscribe(_ id: SubscriberID, toPrefix prefix: String) -> Subscription {
         var subscribers = patterns[prefix] ?? []
         if !subscribers.contains(id) {
+            guard patternSubscriptions < configuration.maxPatternSubscriptions else {
+                return Subscription(epoch: nil, seq: 0, recovered: false, frames: [], refused: true)
+            }
+            patternSubscriptions += 1
             subscribers.append(id)
             patterns[prefix] = subscribers
             patternVersion &+= 1
@@ -230,6 +272,7 @@ public final class Hub {
             let key = String(prefix)
             guard var subscribers = patterns[key], let index = subscribers.firstIndex(of: id) else { return false }
             subscribers.remove(at: index)
+            patternSubscriptions -= 1
             patterns[key] = subscribers.isEmpty ? nil : subscribers
             patternVersion &+= 1
             return true
@@ -267,8 +310,9 @@ public final class Hub {
         }
     }
 
-    private func forget(_ topic: Topic) {
+    func forget(_ topic: Topic) {
         idle.remove(topic)
+        unaccount(topic)
         topics[topic.name] = nil
     }
 
@@ -281,7 +325,7 @@ public final class Hub {
         let topic = Topic(
             name: name, epoch: epochPrefix + "-" + String(epochSerial, radix: 36),
             historyCapacity: configuration.historyLimit, loops: configuration.loopCount, now: now)
-        topics[name] = topic
+        insert(topic)
         return topic
     }
 
@@ -313,13 +357,16 @@ public final class Hub {
                 seq += 1
                 topic.history.append(frame(payload: payload), seq: seq)
             }
-            topic.newest = state.newest.map(frame(payload:))
+            // The ring's last frame is the newest event: share it, as `publish` does, so it is held once.
+            topic.newest = topic.ringHoldsNewest ? topic.history.frame(at: topic.history.count - 1)
+                : state.newest.map(frame(payload:))
             eventCount += 1
             topic.lastEventOrder = eventCount
-            topics[state.name] = topic
+            insert(topic)
             idle.append(topic)
         }
         enforceTopicLimit()
+        enforceHistoryBytes()
     }
 
     private func frame(payload: ByteBuffer) -> ByteBuffer {

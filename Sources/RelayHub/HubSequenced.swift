@@ -148,7 +148,7 @@ extension Hub {
                     loops: loops, now: now)
                 topic.seq = event.seq - 1
                 topic.history.resume(at: event.seq - 1)
-                topics[event.topic] = topic
+                insert(topic)
                 created = true
             }
             let frame = event.object.withUnsafeReadableBytes { object in
@@ -156,6 +156,7 @@ extension Hub {
             }
             eventCount += 1
             topic.append(frame, order: eventCount, now: now)
+            settle(topic, eventArrived: true)
             assert(topic.seq == event.seq && topic.epoch == event.epoch)
             if topic.subscriberCount == 0 { idle.append(topic) }
 
@@ -168,6 +169,7 @@ extension Hub {
             previous = topic
         }
         if created { enforceTopicLimit() }
+        enforceHistoryBytes()
         return FanOut(loops: plan, deliveryCount: deliveries)
     }
 
@@ -269,8 +271,10 @@ extension Hub {
                 eventCount += 1
                 topic.lastEventOrder = eventCount
             }
-            topics[name] = topic
+            insert(topic)
             idle.append(topic)
+            // Like the topic limit, `--max-history-bytes` waits for the next publish: eviction
+            // here could forget the topic before the subscribe that follows the join.
             return empty
         }
 
@@ -279,6 +283,7 @@ extension Hub {
         if current == claimed {
             if ring.count > topic.history.count {
                 topic.replace(epoch: epoch, seq: newestSeq, history: ring, newest: newest ?? topic.newest)
+                settle(topic, eventArrived: false)
             }
             return empty
         }
@@ -288,7 +293,11 @@ extension Hub {
             eventCount += 1
             topic.lastEventOrder = eventCount
         }
-        return resetPlan(topic)
+        settle(topic, eventArrived: newest != nil)
+        // After the plan is built: it holds its frames, whatever eviction then drops.
+        let plan = resetPlan(topic)
+        enforceHistoryBytes()
+        return plan
     }
 
     /// The repeated `subscribed` (built once) for exact subscribers, then the ring's events for
@@ -341,8 +350,7 @@ extension Hub {
     public func forgetTopic(_ name: String) -> Bool {
         precondition(configuration.sequencing == .external, "only cluster mode forgets topics on request")
         guard let topic = topics[name], topic.subscriberCount == 0 else { return false }
-        idle.remove(topic)
-        topics[name] = nil
+        forget(topic)
         return true
     }
 

@@ -42,6 +42,28 @@ final class Topic {
     var idleNext: Topic?
     var isIdleListed = false
 
+    // Links of the hub's history list (topics holding events older than their newest, by last
+    // event): the order in which `--max-history-bytes` drops history.
+    var historyPrev: Topic?
+    var historyNext: Topic?
+    var isHistoryListed = false
+    /// This topic's frame bytes as last added to the hub's `historyBytes` (see `Hub.settle`).
+    var accountedBytes = 0
+
+    /// Whether the ring's newest frame is the topic's newest event: then `newest` is that same
+    /// buffer, counted once.
+    var ringHoldsNewest: Bool { history.count > 0 && history.lastSeq == seq }
+
+    /// Bytes of every frame the topic holds, each buffer once, each with `frameOverhead`.
+    func storedBytes(frameOverhead: Int) -> Int {
+        let ring = history.bytes + history.count * frameOverhead
+        guard !ringHoldsNewest, let newest else { return ring }
+        return ring + newest.readableBytes + frameOverhead
+    }
+
+    /// History frames `--max-history-bytes` may drop: every one but the newest event.
+    var droppableCount: Int { history.count - (ringHoldsNewest ? 1 : 0) }
+
     init(name: String, epoch: String, historyCapacity: Int, loops: Int, now: UInt64) {
         self.name = name
         self.epoch = epoch

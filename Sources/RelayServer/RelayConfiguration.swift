@@ -18,6 +18,8 @@ public struct RelayConfiguration: Sendable {
     public var maxEventBytes: Int
     public var maxOutboundBytes: Int
     public var maxSubscriptions: Int
+    /// Of those, patterns (`--max-pattern-subscriptions`); the relay-wide bound is in `hub`.
+    public var maxPatternSubscriptions: Int
     /// Largest client message after reassembly.
     public var maxClientMessageBytes: Int
     public var pingInterval: TimeAmount
@@ -34,6 +36,10 @@ public struct RelayConfiguration: Sendable {
     /// `--publish-grant`: which topics each emitter connection may publish to, by the uid and
     /// groups the kernel reports for it. nil (no grant given): every topic, as before.
     public var publishPolicy: PublishPolicy?
+    /// `--max-emitters`, `--max-emitters-per-uid` and the emitter timeouts (`EmitterLimits`).
+    public var emitterLimits: EmitterLimitSettings
+    /// `--max-connections`, `--max-connections-per-ip`, `--trusted-proxy`, `--handshake-timeout`.
+    public var httpEdge: HTTPEdgeSettings
 
     public init(
         socketPath: String = "/run/progress.sock",
@@ -46,6 +52,7 @@ public struct RelayConfiguration: Sendable {
         maxEventBytes: Int = 65536,
         maxOutboundBytes: Int = 4 * 1024 * 1024,
         maxSubscriptions: Int = 100,
+        maxPatternSubscriptions: Int = 8,
         maxClientMessageBytes: Int = 64 * 1024,
         pingInterval: TimeAmount = .seconds(25),
         stateFile: String? = nil,
@@ -53,7 +60,9 @@ public struct RelayConfiguration: Sendable {
         threads: Int = System.coreCount,
         ingestBudgetBytes: Int = 16 * 1024 * 1024,
         cluster: ClusterSettings? = nil,
-        publishPolicy: PublishPolicy? = nil
+        publishPolicy: PublishPolicy? = nil,
+        emitterLimits: EmitterLimitSettings = EmitterLimitSettings(),
+        httpEdge: HTTPEdgeSettings = HTTPEdgeSettings()
     ) {
         self.socketPath = socketPath
         self.socketMode = socketMode
@@ -65,6 +74,7 @@ public struct RelayConfiguration: Sendable {
         self.maxEventBytes = maxEventBytes
         self.maxOutboundBytes = maxOutboundBytes
         self.maxSubscriptions = maxSubscriptions
+        self.maxPatternSubscriptions = maxPatternSubscriptions
         self.maxClientMessageBytes = maxClientMessageBytes
         self.pingInterval = pingInterval
         self.stateFile = stateFile
@@ -73,5 +83,7 @@ public struct RelayConfiguration: Sendable {
         self.ingestBudgetBytes = ingestBudgetBytes
         self.cluster = cluster
         self.publishPolicy = publishPolicy
+        self.httpEdge = httpEdge
+        self.emitterLimits = emitterLimits
     }
 }

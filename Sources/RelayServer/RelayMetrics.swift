@@ -21,11 +21,15 @@ public final class RelayMetrics: Sendable {
     private let hubTopics = Atomic<Int>(0)
     private let hubSubscriptions = Atomic<Int>(0)
     private let keys = Atomic<Int>(0)
+    private let httpConnections = Atomic<Int>(0)
 
     private let emitterGauge = Gauge(label: "progress_relay_connections", dimensions: [("kind", "emitter")])
     private let subscriberGauge = Gauge(label: "progress_relay_connections", dimensions: [("kind", "subscriber")])
     private let topicsGauge = Gauge(label: "progress_relay_topics")
     private let subscriptionsGauge = Gauge(label: "progress_relay_subscriptions")
+    /// Every HTTP/WebSocket connection held, upgraded or not (`--max-connections` bounds it).
+    private let httpGauge = Gauge(label: "progress_relay_http_connections")
+    private let httpRefusedCounters: [String: Counter]
     private let receivedCounter = Counter(label: "progress_relay_events_received_total")
     private let rejectedCounters: [String: Counter]
     private let deliveriesCounter = Counter(label: "progress_relay_deliveries_total")
@@ -34,6 +38,10 @@ public final class RelayMetrics: Sendable {
     private let answersDroppedCounter = Counter(label: "progress_relay_ingest_answers_dropped_total")
     private let pausedCounter = Counter(label: "progress_relay_ingest_paused_total")
     private let delayTimer = Timer(label: "progress_relay_delivery_delay_seconds")
+    private let historyBytesGauge = Gauge(label: "progress_relay_history_bytes")
+    private let historyEvictedCounter = Counter(
+        label: "progress_relay_history_evictions_total", dimensions: [("reason", "history")])
+    private let topicsEvictedCounter = Counter(label: "progress_relay_history_evictions_total", dimensions: [("reason", "topic")])
 
     public init() {
         let reasons: [IngestLineError] = [
@@ -46,6 +54,10 @@ public final class RelayMetrics: Sendable {
             })
         let authReasons = ["missing", "malformed", "algorithm", "signature", "expired", "not_yet_valid", "no_subject", "forbidden", "ticket",
             "too_large", "header", "kid", "audience", "issuer", "no_expiry"]
+        httpRefusedCounters = Dictionary(
+            uniqueKeysWithValues: [
+                "max_connections", "max_connections_per_ip", "timeout", "uri_too_long", "headers_too_large", "bad_request",
+            ].map { ($0, Counter(label: "progress_relay_http_refused_total", dimensions: [("reason", $0)])) })
         authCounters = Dictionary(
             uniqueKeysWithValues: authReasons.map {
                 ($0, Counter(label: "progress_relay_auth_failure_closes_total", dimensions: [("reason", $0)]))
@@ -60,6 +72,18 @@ public final class RelayMetrics: Sendable {
     func subscriberConnected(_ delta: Int) {
         let now = subscribers.add(delta, ordering: .relaxed).newValue
         subscriberGauge.record(now)
+    }
+
+    /// Returns the count after the change: what `--max-connections` is checked against.
+    func httpConnected(_ delta: Int) -> Int {
+        let now = httpConnections.add(delta, ordering: .relaxed).newValue
+        httpGauge.record(now)
+        return now
+    }
+
+    /// A connection the HTTP edge answered with 503, 408, 414, 431 or 400 and closed.
+    func httpRefused(_ reason: String) {
+        httpRefusedCounters[reason]?.increment()
     }
 
     func eventsReceived(_ count: Int) {
@@ -110,11 +134,19 @@ public final class RelayMetrics: Sendable {
         subscriptionsGauge.record(counts.subscriptions)
     }
 
+    /// `--max-history-bytes`: the bytes now counted, and the evictions since the last report.
+    func historyStored(bytes: Int, evicted: HistoryEvictions) {
+        historyBytesGauge.record(bytes)
+        if evicted.events > 0 { historyEvictedCounter.increment(by: evicted.events) }
+        if evicted.topics > 0 { topicsEvictedCounter.increment(by: evicted.topics) }
+    }
+
     /// The JSON body of `/stats`: counts only.
     public var statsJSON: String {
         let fields: [(String, Int)] = [
             ("emitter_connections", emitters.load(ordering: .relaxed)),
             ("subscriber_connections", subscribers.load(ordering: .relaxed)),
+            ("http_connections", httpConnections.load(ordering: .relaxed)),
             ("topics", hubTopics.load(ordering: .relaxed)),
             ("subscriptions", hubSubscriptions.load(ordering: .relaxed)),
             ("events_received", received.load(ordering: .relaxed)),

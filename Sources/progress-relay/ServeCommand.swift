@@ -88,6 +88,48 @@ struct ServeCommand: AsyncParsableCommand {
         help: "Event bytes read from emitters and not yet written by every subscriber loop; beyond it emitters wait.")
     var maxInflightBytes: Int = 16_777_216
 
+    @Option(
+        name: .customLong("max-emitters"), parsing: .unconditional,
+        help: "Emitter connections held at once; beyond it new ones wait in the socket's backlog.")
+    var maxEmitters: Int = 4096
+
+    // Optional so that a lower --max-emitters alone lowers the share with it (default 1024).
+    @Option(
+        name: .customLong("max-emitters-per-uid"), parsing: .unconditional,
+        help: "Emitter connections of one uid read at once (default 1024); more are accepted and wait unread.")
+    var maxEmittersPerUID: Int?
+
+    @Option(
+        name: .customLong("emitter-idle-timeout"), parsing: .unconditional,
+        help: "Seconds an emitter connection may send nothing before it is drained and closed.")
+    var emitterIdleTimeout: Double = 3600
+
+    @Option(
+        name: .customLong("emitter-partial-line-timeout"), parsing: .unconditional,
+        help: "Seconds an unfinished ingest line may wait for its end before its connection is drained.")
+    var emitterPartialLineTimeout: Double = 60
+
+    // Optional: its default depends on the open files limit, known once it is raised.
+    @Option(
+        name: .customLong("max-connections"), parsing: .unconditional,
+        help: "HTTP and WebSocket connections held at once (default: the open files limit less 1024, at least 64); more get 503.")
+    var maxConnections: Int?
+
+    @Option(
+        name: .customLong("max-connections-per-ip"), parsing: .unconditional,
+        help: "HTTP and WebSocket connections one client address may hold; more get 503.")
+    var maxConnectionsPerIP: Int = 256
+
+    @Option(
+        name: .customLong("trusted-proxy"),
+        help: "CIDR of a proxy whose X-Forwarded-For/Forwarded names the client (repeatable; default 127.0.0.0/8 and ::1).")
+    var trustedProxies: [String] = []
+
+    @Option(
+        name: .customLong("handshake-timeout"), parsing: .unconditional,
+        help: "Seconds a connection has to complete its WebSocket handshake or HTTP request.")
+    var handshakeTimeout: Double = 10
+
     @Option(name: .customLong("ping-interval"), parsing: .unconditional, help: "Seconds between WebSocket pings.")
     var pingInterval: Double = 25
 
@@ -99,8 +141,23 @@ struct ServeCommand: AsyncParsableCommand {
         help: "Topics kept; beyond it the longest-idle topic is forgotten.")
     var maxTopics: Int = 100_000
 
+    @Option(
+        name: .customLong("max-history-bytes"), parsing: .unconditional,
+        help: "Bytes of stored events over all topics (a plain number of bytes, at least 65536); beyond it the oldest history is dropped.")
+    var maxHistoryBytes: Int = 268_435_456
+
     @Option(name: .customLong("max-subscriptions"), parsing: .unconditional, help: "Subscriptions one connection may hold.")
     var maxSubscriptions: Int = 100
+
+    @Option(
+        name: .customLong("max-pattern-subscriptions"), parsing: .unconditional,
+        help: "Pattern subscriptions one connection may hold (part of --max-subscriptions).")
+    var maxPatternSubscriptions: Int = 8
+
+    @Option(
+        name: .customLong("max-pattern-subscriptions-total"), parsing: .unconditional,
+        help: "Pattern subscriptions all connections together may hold.")
+    var maxPatternSubscriptionsTotal: Int = 10_000
 
     @Option(name: .customLong("topic-ttl"), parsing: .unconditional, help: "Seconds an idle topic is kept.")
     var topicTTL: Double = 3600
@@ -171,6 +228,7 @@ struct ServeCommand: AsyncParsableCommand {
         metrics.setKeyCount(verifier.keyCount)
 
         var configuration = settings.configuration
+        if maxConnections == nil { configuration.httpEdge.maxConnections = Self.defaultMaxConnections() }
         do {
             if let activation = try SocketActivation.fromEnvironment() {
                 configuration.adoptedIngestDescriptor = activation.ingestDescriptor
@@ -320,6 +378,9 @@ struct ServeCommand: AsyncParsableCommand {
             ("--history", history, 0), ("--max-event-bytes", maxEventBytes, 16), ("--max-outbound-bytes", maxOutboundBytes, 1024),
             ("--max-inflight-bytes", maxInflightBytes, 1024),
             ("--max-topics", maxTopics, 1), ("--max-subscriptions", maxSubscriptions, 1),
+            ("--max-history-bytes", maxHistoryBytes, 65536),
+            ("--max-pattern-subscriptions", maxPatternSubscriptions, 0),
+            ("--max-pattern-subscriptions-total", maxPatternSubscriptionsTotal, 0),
         ] where value < minimum {
             throw CLIError.usage("\(flag) \(value): must be at least \(minimum)")
         }
@@ -329,6 +390,8 @@ struct ServeCommand: AsyncParsableCommand {
         guard topicTTL > 0, topicTTL.isFinite else {
             throw CLIError.usage("--topic-ttl \(topicTTL): must be a positive number of seconds")
         }
+        let emitterLimits = try checkedEmitterLimits()
+        let httpEdge = try checkedHTTPEdge()
         let configuration = RelayConfiguration(
             socketPath: socket ?? (dev ? DevMode.socketPath() : "/run/progress.sock"),
             socketMode: mode,
@@ -338,17 +401,78 @@ struct ServeCommand: AsyncParsableCommand {
             maxEventBytes: maxEventBytes,
             maxOutboundBytes: maxOutboundBytes,
             maxSubscriptions: maxSubscriptions,
+            maxPatternSubscriptions: maxPatternSubscriptions,
             pingInterval: .nanoseconds(Int64(pingInterval * 1e9)),
             stateFile: stateFile,
             hub: HubConfiguration(
-                historyLimit: history, maxTopics: maxTopics, topicTTL: UInt64(topicTTL * 1e9)),
+                historyLimit: history, maxTopics: maxTopics, topicTTL: UInt64(topicTTL * 1e9),
+                maxPatternSubscriptions: maxPatternSubscriptionsTotal, maxHistoryBytes: maxHistoryBytes),
             ingestBudgetBytes: maxInflightBytes,
             cluster: try clusterSettings(port: port),
-            publishPolicy: publishRules.isEmpty ? nil : PublishPolicy(rules: publishRules))
+            publishPolicy: publishRules.isEmpty ? nil : PublishPolicy(rules: publishRules),
+            emitterLimits: emitterLimits,
+            httpEdge: httpEdge)
         let rules = TokenRules(
             grantTemplates: templates, allowsMissingExpiry: allowTokensWithoutExp, audience: jwtAudience, issuer: jwtIssuer,
             leeway: jwtLeeway)
         return Settings(configuration: configuration, tokenRules: rules, keyFiles: keyFiles, logLevel: level)
+    }
+
+    /// `--max-emitters`, `--max-emitters-per-uid` and the emitter timeouts.
+    private func checkedEmitterLimits() throws -> EmitterLimitSettings {
+        guard maxEmitters >= 1 else { throw CLIError.usage("--max-emitters \(maxEmitters): must be at least 1") }
+        let perUID = maxEmittersPerUID ?? min(1024, maxEmitters)
+        guard (1...maxEmitters).contains(perUID) else {
+            throw CLIError.usage(
+                "--max-emitters-per-uid \(perUID): expected 1 to --max-emitters (\(maxEmitters))")
+        }
+        for (flag, value) in [
+            ("--emitter-idle-timeout", emitterIdleTimeout), ("--emitter-partial-line-timeout", emitterPartialLineTimeout),
+        ] where !(value > 0 && value.isFinite && value <= 31_536_000) {
+            throw CLIError.usage("\(flag) \(value): must be a positive number of seconds (at most a year)")
+        }
+        return EmitterLimitSettings(
+            maxEmitters: maxEmitters, maxEmittersPerUID: perUID,
+            idleTimeout: .nanoseconds(Int64(emitterIdleTimeout * 1e9)),
+            partialLineTimeout: .nanoseconds(Int64(emitterPartialLineTimeout * 1e9)))
+    }
+
+    /// `--max-connections`, `--max-connections-per-ip`, `--trusted-proxy`, `--handshake-timeout`.
+    private func checkedHTTPEdge() throws -> HTTPEdgeSettings {
+        if let maxConnections, maxConnections < 1 {
+            throw CLIError.usage("--max-connections \(maxConnections): must be at least 1")
+        }
+        guard maxConnectionsPerIP >= 1 else {
+            throw CLIError.usage("--max-connections-per-ip \(maxConnectionsPerIP): must be at least 1")
+        }
+        var networks = [IPNetwork]()
+        for value in trustedProxies {
+            guard let network = IPNetwork(value) else {
+                throw CLIError.usage(
+                    "--trusted-proxy \(value): expected an IP address or a CIDR range, e.g. 10.0.0.0/8 or fd00::/8")
+            }
+            networks.append(network)
+        }
+        guard handshakeTimeout > 0, handshakeTimeout <= 3600, handshakeTimeout.isFinite else {
+            throw CLIError.usage("--handshake-timeout \(handshakeTimeout): expected a number of seconds above 0, at most 3600")
+        }
+        return HTTPEdgeSettings(
+            maxConnections: maxConnections ?? HTTPEdgeSettings.fallbackMaxConnections,
+            maxConnectionsPerAddress: maxConnectionsPerIP,
+            trustedProxies: networks.isEmpty ? IPNetwork.loopback : networks,
+            handshakeTimeout: .nanoseconds(Int64(handshakeTimeout * 1e9)))
+    }
+
+    /// The soft open files limit (after `raiseOpenFilesLimit`) less 1024 kept for emitters, the
+    /// listeners and the relay's own files, at least 64: past it accept would fail with EMFILE,
+    /// which refuses silently; a 503 says why.
+    private static func defaultMaxConnections() -> Int {
+        var limit = rlimit()
+        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur != rlim_t.max else {
+            return 1_048_576
+        }
+        let soft = Int(clamping: limit.rlim_cur)
+        return max(HTTPEdgeSettings.fallbackMaxConnections, soft - 1024)
     }
 
     /// `--redis` and its companions; nil without `--redis`.

@@ -84,8 +84,9 @@ def test_continuation_without_start_is_1002(relay):
 
 def test_new_message_inside_a_fragmented_one_is_1002(relay):
     r = raw(relay)
-    r.send_frame(TEXT, b'{"op":', fin=False)
-    r.send_frame(TEXT, b'"ping"}', fin=True)
+    # non-final fragments are at least 16 bytes (test_hostile_clients.py), so this one is 19
+    r.send_frame(TEXT, b'{"op":"ping","pad":', fin=False)
+    r.send_frame(TEXT, b'"xx"}', fin=True)
     expect_close_code(r, 1002)
 
 
@@ -120,7 +121,7 @@ def test_invalid_utf8_text_is_1007(relay, payload):
 
 def test_invalid_utf8_in_a_fragment_is_1007(relay):
     r = raw(relay)
-    r.send_frame(TEXT, b'{"op":"ping",', fin=False)
+    r.send_frame(TEXT, b'{"op":"ping","pad":"xx",', fin=False)
     r.send_frame(CONT, b'"x":"\xff"}', fin=True)
     expect_close_code(r, 1007)
 
@@ -174,9 +175,11 @@ def test_fragmented_message_of_exactly_64k_is_accepted(relay):
 
 def test_fragmented_text_message_is_reassembled(relay):
     r = raw(relay)
-    r.send_frame(TEXT, b"pi", fin=False)
-    r.send_frame(CONT, b"n", fin=False)
-    r.send_frame(CONT, b"g", fin=True)
+    # non-final fragments are at least 16 bytes; the final one may be a single byte
+    body = b'{"op":"ping","pad":"0123456789abcdef"}'
+    r.send_frame(TEXT, body[:16], fin=False)
+    r.send_frame(CONT, body[16:-1], fin=False)
+    r.send_frame(CONT, body[-1:], fin=True)
     assert r.recv_json() == {"op": "pong", "type": "pong"}
 
 
@@ -191,9 +194,9 @@ def test_utf8_character_split_across_fragments_is_fine(relay):
 
 def test_control_frame_between_fragments(relay):
     r = raw(relay)
-    r.send_frame(TEXT, b'{"op":', fin=False)
+    r.send_frame(TEXT, b'{"op":"ping","pad":', fin=False)
     r.send_frame(PING, b"hb")
-    r.send_frame(CONT, b'"ping"}', fin=True)
+    r.send_frame(CONT, b'"xx"}', fin=True)
     got_pong_frame, got_json = False, None
     for _ in range(2):
         f = r.recv_frame(5)

@@ -27,6 +27,10 @@ export const CloseCode = Object.freeze({
   UNSUPPORTED_DATA: 1003,
   ABNORMAL: 1006,
   INVALID_PAYLOAD: 1007,
+  /** Over the relay's operation rate (100 a second): retried with backoff, but the app sends too much. */
+  POLICY_VIOLATION: 1008,
+  /** Over the relay's operation rate (100 a second): retried with backoff, but the app sends too much. */
+  POLICY_VIOLATION: 1008,
   MESSAGE_TOO_BIG: 1009,
   TRY_AGAIN_LATER: 1013,
   UNAUTHORIZED: 4401,

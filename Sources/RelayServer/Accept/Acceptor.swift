@@ -43,13 +43,15 @@ final class Acceptor: Sendable {
     /// accepts every connection already waiting in the backlog and waits for their set-up: an
     /// emitter's connect and write succeed while it waits there, so dropping it would lose lines
     /// the emitter believes written.
+    /// With `mayAccept`, the listening socket is left alone while it answers false: connections
+    /// wait in the kernel's backlog (their writes too) until `nudge` says to look again.
     func start(
-        logger: Logger, acceptingPendingOnStop: Bool = false,
+        logger: Logger, acceptingPendingOnStop: Bool = false, mayAccept: (@Sendable () -> Bool)? = nil,
         handOff: @escaping @Sendable (CInt) -> EventLoopFuture<Void>
     ) {
         finished.withLockedValue { $0 = false }
         let thread = Thread { [self] in
-            self.run(logger: logger, handOff: handOff)
+            self.run(logger: logger, mayAccept: mayAccept, handOff: handOff)
             if acceptingPendingOnStop { self.acceptPending(handOff: handOff) }
             self.finished.withLockedValue { $0 = true }
         }
@@ -57,7 +59,7 @@ final class Acceptor: Sendable {
         thread.start()
     }
 
-    private func run(logger: Logger, handOff: @Sendable (CInt) -> EventLoopFuture<Void>) {
+    private func run(logger: Logger, mayAccept: (@Sendable () -> Bool)?, handOff: @Sendable (CInt) -> EventLoopFuture<Void>) {
         var spare = open("/dev/null", O_RDONLY | O_CLOEXEC)
         var fds = [
             pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0),
@@ -68,8 +70,15 @@ final class Acceptor: Sendable {
         while !stopped.withLockedValue({ $0 }) {
             fds[0].revents = 0
             fds[1].revents = 0
+            // poll skips a negative descriptor: while there is no room only the wake pipe is watched.
+            fds[0].fd = mayAccept?() == false ? -1 : descriptor
             guard poll(&fds, 2, -1) >= 0 || errno == EINTR else { break }
-            if fds[1].revents != 0 { break }
+            if fds[1].revents != 0 {
+                var bytes = [UInt8](repeating: 0, count: 64)
+                while read(wake.read, &bytes, bytes.count) > 0 {}
+                if stopped.withLockedValue({ $0 }) { break }
+                continue
+            }
             guard fds[0].revents != 0 else { continue }
             let connection = accept(descriptor, nil, nil)
             if connection >= 0 {
@@ -133,6 +142,12 @@ final class Acceptor: Sendable {
         var byte: UInt8 = 1
         _ = write(wake.write, &byte, 1)
         for _ in 0..<200 where !finished.withLockedValue({ $0 }) { usleep(5_000) }
+    }
+
+    /// Makes the thread ask `mayAccept` again (a connection ended and made room).
+    func nudge() {
+        var byte: UInt8 = 0
+        _ = write(wake.write, &byte, 1)
     }
 
     /// Non-blocking and close-on-exec (Glibc's module does not export `accept4` or `pipe2`).

@@ -93,19 +93,31 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     typealias OutboundOut = HTTPServerResponsePart
 
     private let routes: HTTPRoutes
+    /// The connection's limits and timers; it answers what the edge refuses.
+    private let edge: HTTPEdgeGuard
     private var head: HTTPRequestHead?
+    /// The connection was refused at its request head: the rest of it is not read.
+    private var refused = false
 
-    init(routes: HTTPRoutes) {
+    init(routes: HTTPRoutes, edge: HTTPEdgeGuard) {
         self.routes = routes
+        self.edge = edge
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        guard !refused else { return }
         switch unwrapInboundIn(data) {
         case .head(let head):
+            if let refusal = edge.admit(head) {
+                // Before routing: a refused `/ws?ticket=` keeps its ticket for the retry.
+                refused = true
+                return edge.refuse(refusal, withBody: head.method != .HEAD)
+            }
             self.head = head
         case .body:
             break
         case .end:
+            edge.requestEnded()
             guard let head else { return }
             self.head = nil
             route(head, context: context)
@@ -113,8 +125,9 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     }
 
     func errorCaught(context: ChannelHandlerContext, error: Error) {
-        // A refused WebSocket handshake is reported here and then answered as plain HTTP.
-        if error is HTTPParserError { context.close(promise: nil) }
+        // A refused WebSocket handshake is reported here and then answered as plain HTTP; a
+        // request NIO's decoder could not read (a limit, or malformed) is answered by the edge.
+        if let error = error as? HTTPParserError { edge.decoderFailed(error) }
     }
 
     private func route(_ head: HTTPRequestHead, context: ChannelHandlerContext) {
@@ -145,6 +158,13 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
                 respond(head, .forbidden, "origin not allowed\n", context: context)
             } else if let refusal = OfferedSubprotocols(head.headers).refusal {
                 respond(head, .badRequest, refusal + "\n", context: context)
+            } else if WebSocketHandshake.asksForUpgrade(head), !WebSocketHandshake.hasSupportedVersion(head) {
+                // RFC 6455 section 4.4: name the version the relay speaks, so the client can retry.
+                respond(
+                    head, .upgradeRequired, "Sec-WebSocket-Version 13 is the only one supported\n",
+                    extraHeaders: [("Sec-WebSocket-Version", "13")], context: context)
+            } else if WebSocketHandshake.asksForUpgrade(head), !WebSocketHandshake.hasValidKey(head) {
+                respond(head, .badRequest, "Sec-WebSocket-Key must be one base64 value of 16 bytes\n", context: context)
             } else {
                 respond(head, .upgradeRequired, "a WebSocket handshake is required here\n", context: context)
             }
@@ -252,6 +272,8 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
         if !keepAlive {
             let channel = context.channel
             done.whenComplete { _ in channel.close(promise: nil) }
+        } else {
+            edge.responseEnded()
         }
     }
 }

@@ -12,6 +12,7 @@
 // batches in flight. So no queue between an emitter socket and a subscriber
 // socket grows without bound.
 
+import Logging
 import NIOCore
 import RelayHub
 import Synchronization
@@ -162,10 +163,12 @@ final class HubDriver: Sendable {
     }
 
     /// Forgets idle topics and refreshes the counts, once a second.
-    func startUpkeep() -> RepeatedTask {
-        hubLoop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { [hub, metrics] _ in
+    func startUpkeep(logger: Logger) -> RepeatedTask {
+        let history = HistoryReport(logger: logger)
+        return hubLoop.scheduleRepeatedTask(initialDelay: .seconds(1), delay: .seconds(1)) { [hub, metrics] _ in
             hub.value.expire(now: Monotonic.now)
             metrics.hubCounts(hub.value.counts)
+            history.update(hub.value, metrics: metrics, now: Monotonic.now)
         }
     }
 
@@ -235,6 +238,47 @@ struct SubscriberLoops: Sendable {
         loops[id.loop].execute { [registries] in
             registries[id.loop].value.unsubscribed(id, from: name, reason: reason)
         }
+    }
+}
+
+/// Carries `--max-history-bytes` evictions to metrics every second and to the log at most once a
+/// minute, so that a relay evicting on every batch does not flood its log. Used from the hub's
+/// loop only; the mutex (never contended) makes it Sendable for the repeated task.
+final class HistoryReport: Sendable {
+    private struct State {
+        var reported = HistoryEvictions()
+        var unlogged = HistoryEvictions()
+        var lastWarning: UInt64?
+    }
+
+    private let logger: Logger
+    private let state = Mutex(State())
+
+    init(logger: Logger) {
+        self.logger = logger
+    }
+
+    func update(_ hub: Hub, metrics: RelayMetrics, now: UInt64) {
+        state.withLock { update(&$0, hub: hub, metrics: metrics, now: now) }
+    }
+
+    private func update(_ state: inout State, hub: Hub, metrics: RelayMetrics, now: UInt64) {
+        let total = hub.historyEvictions
+        let new = HistoryEvictions(events: total.events - state.reported.events, topics: total.topics - state.reported.topics)
+        state.reported = total
+        metrics.historyStored(bytes: hub.historyBytes, evicted: new)
+        state.unlogged.events += new.events
+        state.unlogged.topics += new.topics
+        guard state.unlogged != HistoryEvictions() else { return }
+        if let lastWarning = state.lastWarning, now &- lastWarning < 60_000_000_000 { return }
+        logger.warning(
+            "stored events were over --max-history-bytes: evicted the oldest history, then idle topics",
+            metadata: [
+                "history_events": "\(state.unlogged.events)", "topics": "\(state.unlogged.topics)",
+                "bytes": "\(hub.historyBytes)", "max_history_bytes": "\(hub.configuration.maxHistoryBytes)",
+            ])
+        state.lastWarning = now
+        state.unlogged = HistoryEvictions()
     }
 }
 

@@ -7,7 +7,14 @@
 // subscribers spend the shared `IngestBudget`: then the kernel holds the
 // writer back, and no accepted line is ever dropped. Answers are written
 // only while the socket takes them, so an emitter that never reads its
-// answers loses just those.
+// answers loses just those (counted), and they never pile up in memory.
+//
+// The bounds that make an emitter connection end are drains, never closes:
+// a connection silent for `--emitter-idle-timeout`, or holding an unfinished
+// line older than `--emitter-partial-line-timeout`, has its reading side shut
+// (so a racing write fails and the emitter resends elsewhere), its complete
+// lines published and its partial one dropped, as at shutdown. A connection
+// of a uid over `--max-emitters-per-uid` is parked (not read) meanwhile.
 
 #if canImport(Glibc)
 import Glibc
@@ -24,7 +31,13 @@ struct IngestEnvironment: Sendable {
     let logger: Logger
     /// Shared by every emitter connection; lives on the hub's loop like they do.
     let budget: NIOLoopBound<IngestBudget>
+    /// `--max-emitters`, the per-uid shares and the emitter timeouts.
+    let emitters: EmitterLimits
 }
+
+/// After the emitter's end-of-file, how long its answers may take to be written before the
+/// connection is closed anyway: answers may be lost, a descriptor held forever may not.
+private let answerGrace = TimeAmount.seconds(5)
 
 final class IngestHandler: ChannelDuplexHandler {
     typealias InboundIn = ByteBuffer
@@ -45,7 +58,20 @@ final class IngestHandler: ChannelDuplexHandler {
     private var answersWritten = false
     private var readHeld = false
     private var active = true
-    private var rejectionsLogged = 0
+    private var rejectionLog = RejectionLogLimiter()
+    /// This connection's place in its uid's share; nil before it is active and after it ends.
+    private var admission: EmitterLimits.Admission?
+    /// Over its uid's share: not read until `unpark`.
+    private var parked = false
+    /// A read NIO asked for while parked, to be passed on at `unpark`.
+    private var readPending = false
+    /// When bytes last arrived, or reading last resumed: the idle timeout counts from here.
+    private var lastActivity = NIODeadline.now()
+    /// When the unfinished line in `partial` (or the long line being skipped) began.
+    private var partialSince: NIODeadline?
+    private var limitCheck: Scheduled<Void>?
+    /// Reading side shut (idle, partial line) or end-of-file seen: no second drain.
+    private var draining = false
 
     init(environment: IngestEnvironment, peer: PeerCredentials) {
         self.environment = environment
@@ -55,20 +81,102 @@ final class IngestHandler: ChannelDuplexHandler {
     func channelActive(context: ChannelHandlerContext) {
         environment.metrics.emitterConnected(1)
         environment.logger.debug("emitter connected", metadata: ["peer": "\(peer)"])
+        let loop = context.eventLoop
+        let handler = NIOLoopBound(self, eventLoop: loop)
+        let channel = context.channel
+        let admission = environment.emitters.enter(uid: peer.uid) {
+            loop.execute { handler.value.unpark(channel) }
+        }
+        self.admission = admission
+        if !admission.reading {
+            parked = true
+            environment.logger.info(
+                "emitter connection parked: its uid has --max-emitters-per-uid connections being read",
+                metadata: ["pid": "\(peer.pid)", "uid": "\(peer.uid)"])
+        }
+        lastActivity = .now()
+        scheduleLimitCheck(context: context)
         context.fireChannelActive()
     }
 
     func channelInactive(context: ChannelHandlerContext) {
         active = false
+        limitCheck?.cancel()
+        limitCheck = nil
+        if let admission { environment.emitters.leave(admission, wasReading: !parked) }
+        admission = nil
+        if let unlogged = rejectionLog.finish() { logUnlogged(unlogged) }
         environment.metrics.emitterConnected(-1)
         context.fireChannelInactive()
+    }
+
+    /// The uid is under its share again (or the relay shuts down): read from now on.
+    private func unpark(_ channel: any Channel) {
+        guard parked else { return }
+        parked = false
+        lastActivity = .now()
+        if partialSince != nil { partialSince = lastActivity }
+        environment.logger.debug("emitter connection unparked", metadata: ["pid": "\(peer.pid)", "uid": "\(peer.uid)"])
+        if readPending, active {
+            readPending = false
+            channel.read()
+        }
+    }
+
+    // MARK: Idle and unfinished lines
+
+    /// One timer per connection, re-armed when it fires (not on every read): it fires at the idle
+    /// deadline or a quarter of the partial-line timeout, whichever is sooner, so an unfinished
+    /// line is caught within 1.25 times its bound.
+    private func scheduleLimitCheck(context: ChannelHandlerContext) {
+        let settings = environment.emitters.settings
+        let step = TimeAmount.nanoseconds(max(settings.partialLineTimeout.nanoseconds / 4, 10_000_000))
+        let next = min(lastActivity + settings.idleTimeout, .now() + step)
+        limitCheck = context.eventLoop.assumeIsolated().scheduleTask(deadline: next) { [self] in
+            checkLimits(context: context)
+        }
+    }
+
+    private func checkLimits(context: ChannelHandlerContext) {
+        limitCheck = nil
+        guard active, !draining else { return }
+        let now = NIODeadline.now()
+        if let unlogged = rejectionLog.rollOver(now: now) { logUnlogged(unlogged) }
+        let settings = environment.emitters.settings
+        if parked || readHeld {
+            // Not being read: neither the silence nor the unfinished line is the emitter's doing.
+            lastActivity = now
+            if partialSince != nil { partialSince = now }
+        } else if let since = partialSince, now - since >= settings.partialLineTimeout {
+            return drain(context: context, reason: "partial_line")
+        } else if now - lastActivity >= settings.idleTimeout {
+            return drain(context: context, reason: "idle")
+        }
+        scheduleLimitCheck(context: context)
+    }
+
+    /// The contract's drain: shut the reading side (a racing write fails, so the emitter resends
+    /// on a new connection), read what was written before, publish its complete lines, drop a
+    /// partial last one and close (the end-of-file path in `userInboundEventTriggered`).
+    private func drain(context: ChannelHandlerContext, reason: String) {
+        draining = true
+        environment.logger.info(
+            "emitter connection drained and closed",
+            metadata: ["reason": "\(reason)", "pid": "\(peer.pid)", "uid": "\(peer.uid)"])
+        guard context.channel.isActive, peer.descriptor >= 0 else { return }
+        // On the channel's loop, an active channel still owns its descriptor.
+        _ = shutdown(peer.descriptor, Int32(SHUT_RD))
     }
 
     // MARK: Lines
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var buffer = unwrapInboundIn(data)
-        if batchReadAt == nil { batchReadAt = .now() }
+        let now = NIODeadline.now()
+        lastActivity = now
+        if batchReadAt == nil { batchReadAt = now }
+        // A newline in this read finishes the line `partialSince` dates.
+        var finishedALine = false
         if var earlier = partial {
             partial = nil
             earlier.writeBuffer(&buffer)
@@ -88,13 +196,20 @@ final class IngestHandler: ChannelDuplexHandler {
                     reject(.tooLong, context: context)
                     skippingLongLine = true
                     buffer.moveReaderIndex(to: buffer.writerIndex)
+                } else if buffer.readableBytes * 4 < buffer.capacity {
+                    // Its own small buffer, so a slow line does not keep a whole read buffer alive.
+                    var own = context.channel.allocator.buffer(capacity: buffer.readableBytes)
+                    own.writeBuffer(&buffer)
+                    partial = own
                 } else {
                     partial = buffer
                 }
+                if finishedALine || partialSince == nil { partialSince = now }
                 return
             }
             var line = buffer.readSlice(length: newline)!
             buffer.moveReaderIndex(forwardBy: 1)
+            finishedALine = true
             if skippingLongLine {
                 skippingLongLine = false
                 continue
@@ -105,6 +220,7 @@ final class IngestHandler: ChannelDuplexHandler {
             }
             accept(line, context: context)
         }
+        partialSince = nil
     }
 
     private func accept(_ line: ByteBuffer, context: ChannelHandlerContext) {
@@ -130,16 +246,14 @@ final class IngestHandler: ChannelDuplexHandler {
 
     private func reject(_ reason: IngestLineError, context: ChannelHandlerContext, topic: String? = nil) {
         environment.metrics.eventRejected(reason)
-        if rejectionsLogged < 100 {
-            rejectionsLogged += 1
+        let (log, unlogged) = rejectionLog.admit()
+        if let unlogged { logUnlogged(unlogged) }
+        if log {
             var metadata: Logger.Metadata = [
                 "reason": "\(reason.rawValue)", "line": "\(lineNumber)", "pid": "\(peer.pid)", "uid": "\(peer.uid)",
             ]
             if let topic { metadata["topic"] = "\(topic)" }
             environment.logger.info("rejected ingest line", metadata: metadata)
-            if rejectionsLogged == 100 {
-                environment.logger.notice("further rejected lines on this connection are not logged", metadata: ["pid": "\(peer.pid)"])
-            }
         }
         guard context.channel.isWritable else {
             environment.metrics.answerDropped()
@@ -148,6 +262,16 @@ final class IngestHandler: ChannelDuplexHandler {
         let answer = "{\"error\":\"\(reason.rawValue)\",\"line\":\(lineNumber)}\n"
         context.write(wrapOutboundOut(context.channel.allocator.buffer(string: answer)), promise: nil)
         answersWritten = true
+    }
+
+    /// The summary of a minute's rejected lines beyond the first few.
+    private func logUnlogged(_ count: Int) {
+        environment.logger.notice(
+            "ingest lines rejected on this connection and not logged",
+            metadata: [
+                "count": "\(count)", "pid": "\(peer.pid)", "uid": "\(peer.uid)",
+                "logged": "the first \(rejectionLog.perWindow) a minute",
+            ])
     }
 
     func channelReadComplete(context: ChannelHandlerContext) {
@@ -183,6 +307,10 @@ final class IngestHandler: ChannelDuplexHandler {
     // MARK: Backpressure and end
 
     func read(context: ChannelHandlerContext) {
+        if parked {
+            readPending = true
+            return
+        }
         let budget = environment.budget.value
         guard budget.isSpent else { return context.read() }
         guard !readHeld else { return }
@@ -190,6 +318,8 @@ final class IngestHandler: ChannelDuplexHandler {
         environment.metrics.ingestPausedForBudget()
         budget.wait { [self] in
             readHeld = false
+            lastActivity = .now()
+            if partialSince != nil { partialSince = lastActivity }
             if active { context.read() }
         }
     }
@@ -201,9 +331,15 @@ final class IngestHandler: ChannelDuplexHandler {
             environment.logger.debug("dropped a partial last line", metadata: ["pid": "\(peer.pid)"])
         }
         partial = nil
+        partialSince = nil
+        draining = true
+        limitCheck?.cancel()
+        limitCheck = nil
         publishBatch(context: context)
         let channel = context.channel
+        let giveUp = context.eventLoop.scheduleTask(in: answerGrace) { channel.close(promise: nil) }
         context.writeAndFlush(wrapOutboundOut(channel.allocator.buffer(capacity: 0))).whenComplete { _ in
+            giveUp.cancel()
             channel.close(promise: nil)
         }
     }

@@ -32,6 +32,9 @@ struct PeerCredentials: Sendable, CustomStringConvertible {
     /// The topics this connection may publish to, computed once when it is accepted; nil without
     /// `--publish-grant` (every topic).
     var grants: GrantSet? = nil
+    /// The accepted socket, owned by the connection's channel: a drain (idle, partial line,
+    /// shutdown) shuts its reading side with `shutdown(2)`, which NIO does not offer.
+    var descriptor: CInt = -1
 
     var description: String { "pid \(pid) uid \(uid) gid \(gid)" }
 }
@@ -66,6 +69,12 @@ public enum IngestSocketError: Error, CustomStringConvertible {
     }
 }
 
+/// The per-turn read budget of one emitter connection (see `serve`).
+enum IngestReads {
+    static let maxReadsPerTurn: UInt = 4
+    static let maxReadBytes = 64 * 1024
+}
+
 final class IngestListener: Sendable {
     let path: String?
     /// Device and inode of the socket file this process bound: at shutdown the file is removed
@@ -73,6 +82,8 @@ final class IngestListener: Sendable {
     private let boundFile: (device: UInt64, inode: UInt64)?
     private let acceptor: Acceptor
     private let connections = NIOLockedValueBox<[ObjectIdentifier: (descriptor: CInt, channel: any Channel)]>([:])
+    /// `--max-emitters` and the per-uid shares, set by `start`.
+    private let limits = NIOLockedValueBox<EmitterLimits?>(nil)
 
     private init(descriptor: CInt, path: String?, boundFile: (device: UInt64, inode: UInt64)? = nil) throws {
         self.path = path
@@ -162,10 +173,12 @@ final class IngestListener: Sendable {
     /// Starts accepting; `configure` sets up each accepted connection's pipeline. With a
     /// `publishPolicy` (`--publish-grant`), each connection's grants are computed before its
     /// channel exists, so before its first line is read.
+    /// With `limits`, accepting stops while `--max-emitters` connections are open.
     func start(
-        group: any EventLoopGroup, logger: Logger, publishPolicy: PublishPolicy? = nil,
+        group: any EventLoopGroup, logger: Logger, publishPolicy: PublishPolicy? = nil, limits: EmitterLimits? = nil,
         configure: @escaping @Sendable (any Channel, PeerCredentials) -> EventLoopFuture<Void>
     ) {
+        self.limits.withLockedValue { $0 = limits }
         let userNames = publishPolicy?.needsUserName == true ? UserNameCache() : nil
         if publishPolicy != nil, let maps = Self.partialIDMaps() {
             logger.warning(
@@ -174,7 +187,10 @@ final class IngestListener: Sendable {
         }
         // A bound socket is closed at shutdown, so what waits in its backlog is accepted and
         // drained first; an adopted one stays open and keeps its backlog for the next process.
-        acceptor.start(logger: logger, acceptingPendingOnStop: path != nil) { [self] connection in
+        var mayAccept: (@Sendable () -> Bool)?
+        if let limits { mayAccept = { limits.hasRoom } }
+        acceptor.start(logger: logger, acceptingPendingOnStop: path != nil, mayAccept: mayAccept) { [self] connection in
+            limits?.opened()
             var credentials = Self.credentials(of: connection)
             guard let publishPolicy else {
                 return serve(connection, credentials: credentials, group: group, logger: logger, configure: configure)
@@ -205,12 +221,16 @@ final class IngestListener: Sendable {
         _ connection: CInt, credentials: PeerCredentials, group: any EventLoopGroup, logger: Logger,
         configure: @escaping @Sendable (any Channel, PeerCredentials) -> EventLoopFuture<Void>
     ) -> EventLoopFuture<Void> {
+        // Fairness: every emitter connection lives on the hub's one loop, which reads each ready
+        // connection once per turn, at most `maxMessagesPerRead` reads of at most the allocator's
+        // maximum. 4 × 64 KiB caps what one flooding emitter gets read per turn at 256 KiB (16 ×
+        // 256 KiB allowed 4 MiB), so the others wait at most that much parsing behind it.
         ClientBootstrap(group: group)
             .channelOption(.allowRemoteHalfClosure, value: true)
-            .channelOption(.maxMessagesPerRead, value: 16)
+            .channelOption(.maxMessagesPerRead, value: IngestReads.maxReadsPerTurn)
             .channelOption(
                 .recvAllocator,
-                value: AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 16 * 1024, maximum: 256 * 1024)
+                value: AdaptiveRecvByteBufferAllocator(minimum: 1024, initial: 16 * 1024, maximum: IngestReads.maxReadBytes)
             )
             .channelInitializer { channel in configure(channel, credentials) }
             .withConnectedSocket(connection)
@@ -218,6 +238,7 @@ final class IngestListener: Sendable {
                 self.track(channel, descriptor: connection)
             }
             .recover { error in
+                self.connectionEnded()
                 logger.warning("could not serve an emitter connection", metadata: ["error": "\(error)"])
             }
     }
@@ -251,9 +272,9 @@ final class IngestListener: Sendable {
         guard getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &credentials, &length) == 0,
             Int(length) == MemoryLayout<UCred>.size
         else {
-            return PeerCredentials(pid: -1, uid: UInt32.max)
+            return PeerCredentials(pid: -1, uid: UInt32.max, descriptor: fd)
         }
-        return PeerCredentials(pid: credentials.pid, uid: credentials.uid, gid: credentials.gid)
+        return PeerCredentials(pid: credentials.pid, uid: credentials.uid, gid: credentials.gid, descriptor: fd)
     }
 
     /// Logged once per process: a connection whose supplementary groups could not be read.
@@ -296,11 +317,17 @@ final class IngestListener: Sendable {
         connections.withLockedValue { $0[key] = (descriptor, channel) }
         channel.closeFuture.whenComplete { [connections] _ in
             _ = connections.withLockedValue { $0.removeValue(forKey: key) }
+            self.connectionEnded()
         }
         // The channel may have closed before it was tracked.
         if !channel.isActive {
             _ = connections.withLockedValue { $0.removeValue(forKey: key) }
         }
+    }
+
+    /// One connection fewer against `--max-emitters`; the accept thread looks again when that made room.
+    private func connectionEnded() {
+        if limits.withLockedValue({ $0 })?.closed() == true { acceptor.nudge() }
     }
 
     // MARK: Stopping
@@ -333,6 +360,8 @@ final class IngestListener: Sendable {
     /// (so they resend elsewhere), and NIO still reads every byte written before, then end-of-file.
     /// The future completes when every emitter connection is closed.
     func drainConnections() -> [EventLoopFuture<Void>] {
+        // Parked connections (a uid over its share) hold written lines too: they are read now.
+        limits.withLockedValue { $0 }?.releaseAll()
         let live = connections.withLockedValue { Array($0.values) }
         return live.map { entry in
             let channel = entry.channel

@@ -20,6 +20,8 @@ enum CloseCode: UInt16 {
     case protocolError = 1002
     case unsupportedData = 1003
     case invalidPayload = 1007
+    /// Over the operation rate: back off, then fix the client.
+    case policyViolation = 1008
     case messageTooBig = 1009
     case tryAgainLater = 1013
     case unauthorized = 4401

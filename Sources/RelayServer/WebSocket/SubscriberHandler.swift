@@ -7,6 +7,10 @@
 // this handler writes those shared buffers unchanged and flushes once per
 // batch. It never makes the hub wait: when it owes more than
 // `--max-outbound-bytes` of live events it is closed with 1013.
+//
+// A hostile client meets the bounds of docs/hardening.md ("WebSocket clients"): fragments
+// (FragmentAssembler), close frames (ClientClose), operations per second (OperationRate), one
+// pong per read batch, and patterns per connection here and relay-wide in the hub.
 
 import Foundation
 import Logging
@@ -21,6 +25,9 @@ struct SubscriberEnvironment: Sendable {
     let verifier: TokenVerifier
     let metrics: RelayMetrics
     let maxSubscriptions: Int
+    /// Of those, patterns (`--max-pattern-subscriptions`): each one is matched against every
+    /// topic that gets an event, so they cost more than exact subscriptions.
+    let maxPatternSubscriptions: Int
     let maxOutboundBytes: Int
     let maxMessageBytes: Int
     let logger: Logger
@@ -47,7 +54,12 @@ final class SubscriberHandler: ChannelInboundHandler {
     /// At most one `refresh` per this long: each costs a signature check.
     static let refreshInterval = TimeAmount.seconds(10)
 
-    private var fragments: ByteBuffer?
+    private var assembler: FragmentAssembler
+    private var rate = OperationRate()
+    /// The payload of the newest ping of this read batch: answered once, in `channelReadComplete`
+    /// (RFC 6455 5.5.3 allows answering only the most recent ping), so a ping flood costs one
+    /// pong per batch, not one per ping.
+    private var pendingPong: ByteBuffer?
     private(set) var lastHeard = NIODeadline.now()
     private(set) var closing = false
     /// Bytes of replay and snapshots still unsent: they do not count against the outbound bound.
@@ -62,6 +74,7 @@ final class SubscriberHandler: ChannelInboundHandler {
         self.environment = environment
         self.authentication = authentication
         self.urlTopics = urlTopics
+        self.assembler = FragmentAssembler(maxMessageBytes: environment.maxMessageBytes)
     }
 
     // MARK: Life
@@ -120,40 +133,53 @@ final class SubscriberHandler: ChannelInboundHandler {
         }
         switch frame.opcode {
         case .text:
-            guard fragments == nil else { return close(.protocolError, reason: "new message inside a fragmented one") }
-            if frame.fin {
-                message(frame.unmaskedData)
-            } else {
-                fragments = frame.unmaskedData
-            }
+            assembled(assembler.text(frame))
         case .continuation:
-            guard var buffer = fragments else { return close(.protocolError, reason: "continuation without a start") }
-            guard buffer.readableBytes + frame.length <= environment.maxMessageBytes else {
-                fragments = nil
-                return close(.messageTooBig)
-            }
-            var data = frame.unmaskedData
-            buffer.writeBuffer(&data)
-            if frame.fin {
-                fragments = nil
-                message(buffer)
-            } else {
-                fragments = buffer
-            }
+            assembled(assembler.continuation(frame))
         case .binary:
             close(.unsupportedData, reason: "binary messages are not accepted")
         case .connectionClose:
-            var data = frame.unmaskedData
-            let code = data.readInteger(as: UInt16.self).flatMap(CloseCode.init(rawValue:)) ?? .normal
-            close(code == .normal || code == .goingAway ? code : .normal)
+            let answer = ClientClose.answer(to: frame.unmaskedData)
+            close(answer.code, reason: answer.reason)
         case .ping:
             guard frame.fin else { return close(.protocolError) }
-            write(ControlFrame.pong(payload: frame.unmaskedData), flush: true)
+            guard withinRate() else { return }
+            pendingPong = frame.unmaskedData
         case .pong:
-            break
+            _ = withinRate()
         default:
             close(.protocolError, reason: "reserved opcode")
         }
+    }
+
+    func channelReadComplete(context: ChannelHandlerContext) {
+        if let payload = pendingPong {
+            pendingPong = nil
+            send(ControlFrame.pong(payload: payload))
+        }
+        context.fireChannelReadComplete()
+    }
+
+    private func assembled(_ outcome: FragmentAssembler.Outcome) {
+        switch outcome {
+        case .message(let buffer):
+            guard withinRate() else { return }
+            message(buffer)
+        case .pending:
+            break
+        case .refused(let code, let reason):
+            close(code, reason: reason)
+        }
+    }
+
+    /// Counts one operation; past the rate the connection is closed with 1008 (policy violation).
+    private func withinRate() -> Bool {
+        guard rate.take() else {
+            environment.logger.info("subscriber over its operation rate", metadata: ["id": "\(id)", "peer": "\(peer)"])
+            close(.policyViolation, reason: "more than \(OperationRate.perSecond) operations a second")
+            return false
+        }
+        return true
     }
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
@@ -216,6 +242,14 @@ final class SubscriberHandler: ChannelInboundHandler {
                 ControlFrame.error(
                     .tooManySubscriptions, "at most \(environment.maxSubscriptions) subscriptions", topic: topic))
         }
+        if !subscriptions.contains(topic), TopicName.patternPrefix(topic) != nil,
+            subscriptions.count(where: { TopicName.patternPrefix($0) != nil }) >= environment.maxPatternSubscriptions
+        {
+            return send(
+                ControlFrame.error(
+                    .tooManySubscriptions, "at most \(environment.maxPatternSubscriptions) pattern subscriptions",
+                    topic: topic))
+        }
         subscriptions.insert(topic)
         environment.driver.subscribe(id, to: topic, resume: resume)
     }
@@ -223,6 +257,15 @@ final class SubscriberHandler: ChannelInboundHandler {
     /// The hub's answer to a subscription, in order with live events.
     func subscribed(to topic: String, _ subscription: Subscription) {
         guard let context, !closing, subscriptions.contains(topic) else { return }
+        if subscription.refused {
+            // The relay-wide pattern bound; in cluster mode the coordinator still lists the
+            // subscription, so it is ended there too (the hub holds nothing to end).
+            subscriptions.remove(topic)
+            environment.driver.unsubscribe(id, from: [topic])
+            return send(
+                ControlFrame.error(
+                    .tooManySubscriptions, "the relay holds all the pattern subscriptions it may", topic: topic))
+        }
         write(ControlFrame.subscribed(topic: topic, subscription: subscription), flush: subscription.frames.isEmpty)
         guard let last = subscription.frames.last else { return }
         // Replay may exceed the outbound bound: it is counted apart and released as it drains.
@@ -324,7 +367,18 @@ final class SubscriberHandler: ChannelInboundHandler {
         }
     }
 
-    private func send(_ frame: ByteBuffer) { write(frame, flush: true) }
+    /// An answer to the client. Answers count against `--max-outbound-bytes` like live events:
+    /// a client that asks and never reads would otherwise grow the relay's memory.
+    private func send(_ frame: ByteBuffer) {
+        write(frame, flush: true)
+        guard let context, !closing, !writable else { return }
+        let buffered = (try? context.channel.syncOptions?.getOption(ChannelOptions.bufferedWritableBytes)) ?? 0
+        if buffered - replayOutstanding > environment.maxOutboundBytes {
+            environment.metrics.slowSubscriberClosed()
+            environment.logger.info("subscriber does not read its answers", metadata: ["id": "\(id)", "owed": "\(buffered)"])
+            close(.tryAgainLater, reason: "too slow")
+        }
+    }
 
     private func write(_ frame: ByteBuffer, flush: Bool) {
         guard let context, !closing else { return }

@@ -40,11 +40,16 @@ struct WebSocketUpgrader: HTTPServerProtocolUpgrader, Sendable {
     func buildUpgradeResponse(
         channel: Channel, upgradeRequest: HTTPRequestHead, initialResponseHeaders: HTTPHeaders
     ) -> EventLoopFuture<HTTPHeaders> {
+        // A connection over `--max-connections` or its address's budget is answered 503 by the
+        // HTTP handler, before its ticket is taken.
+        if let edge = try? channel.pipeline.syncOperations.handler(type: HTTPEdgeGuard.self), edge.admit(upgradeRequest) != nil {
+            return channel.eventLoop.makeFailedFuture(NIOWebSocketUpgradeError.unsupportedWebSocketTarget)
+        }
         let keys = upgradeRequest.headers["sec-websocket-key"]
         let ticket = redeemTicket(upgradeRequest)
         let offered = OfferedSubprotocols(upgradeRequest.headers)
-        guard accepts(upgradeRequest), keys.count == 1, upgradeRequest.headers["sec-websocket-version"] == ["13"],
-            offered.refusal == nil
+        guard accepts(upgradeRequest), WebSocketHandshake.hasValidKey(upgradeRequest),
+            WebSocketHandshake.hasSupportedVersion(upgradeRequest), offered.refusal == nil
         else {
             return channel.eventLoop.makeFailedFuture(NIOWebSocketUpgradeError.unsupportedWebSocketTarget)
         }
@@ -87,5 +92,27 @@ final class RedeemedTickets: Sendable {
     func take(for channel: any Channel) -> Result<Principal, TokenError>? {
         let key = ObjectIdentifier(channel)
         return entries.withLockedValue { $0.removeValue(forKey: key) }
+    }
+}
+
+/// RFC 6455 section 4.2.1 checks that NIO leaves to the upgrader: a handshake that fails them is
+/// not upgraded, and the HTTP handler answers it (426 naming version 13, or 400).
+enum WebSocketHandshake {
+    static func asksForUpgrade(_ head: HTTPRequestHead) -> Bool {
+        head.headers["upgrade"].contains { value in
+            value.split(separator: ",").contains { $0.trimmingCharacters(in: .whitespaces).lowercased() == "websocket" }
+        }
+    }
+
+    static func hasSupportedVersion(_ head: HTTPRequestHead) -> Bool {
+        head.headers["sec-websocket-version"].map { $0.trimmingCharacters(in: .whitespaces) } == ["13"]
+    }
+
+    /// One `Sec-WebSocket-Key`, the base64 of exactly 16 bytes (24 characters with padding).
+    static func hasValidKey(_ head: HTTPRequestHead) -> Bool {
+        let keys = head.headers["sec-websocket-key"]
+        guard keys.count == 1 else { return false }
+        let key = keys[0].trimmingCharacters(in: .whitespaces)
+        return key.utf8.count == 24 && Data(base64Encoded: key)?.count == 16
     }
 }
