@@ -70,6 +70,17 @@ let package = Package(
         ),
         // The emitter that workers link: Foundation and the C library only.
         .target(name: "ProgressEmitter"),
+        // `progress-relay watch`: the WebSocket client, the resume state machine, the renderer.
+        .target(
+            name: "RelayWatch",
+            dependencies: [
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOPosix", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOWebSocket", package: "swift-nio"),
+                .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            ]
+        ),
         // The CLI: parses flags and wires the pieces together.
         .executableTarget(
             name: "progress-relay",
@@ -78,6 +89,7 @@ let package = Package(
                 "RelayAuth",
                 "RelayCluster",
                 "ProgressEmitter",
+                "RelayWatch",
                 .product(name: "ArgumentParser", package: "swift-argument-parser"),
                 .product(name: "Logging", package: "swift-log"),
                 .product(name: "Metrics", package: "swift-metrics"),
@@ -98,6 +110,7 @@ let package = Package(
         .testTarget(name: "RelayHubTests", dependencies: ["RelayHub"]),
         .testTarget(name: "RelayAuthTests", dependencies: ["RelayAuth"]),
         .testTarget(name: "ProgressEmitterTests", dependencies: ["ProgressEmitter"]),
+        .testTarget(name: "RelayWatchTests", dependencies: ["RelayWatch"]),
         // Test support: a redis-server of a test's own, for the tests that talk to Redis.
         .target(name: "RedisTestSupport", path: "Tests/RedisTestSupport"),
         .testTarget(name: "RESPTests", dependencies: ["RESP", "RedisTestSupport"]),

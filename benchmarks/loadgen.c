@@ -88,6 +88,7 @@ static struct {
     const char *server_pids;
     int ports[16];   /* --ports: subscriber i connects to ports[i % nports] (several relays of a cluster) */
     int nports;
+    int sse;         /* --sse: subscribers read GET /sse (server-sent events) instead of /ws */
 } o = {
     .server = RELAY, .host = "127.0.0.1", .port = 8765, .prefix = "b", .subs = 1, .topics = 1,
     .events = 1000, .pubconns = 1, .window = 16, .pad = 24, .timeout = 60, .quiet = 3,
@@ -418,6 +419,10 @@ static const char upgrade_fmt_nchan[] =
     "GET /sub/%s%d HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\n"
     "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
 
+/* --sse: the same token and topic, as an event stream; the answer is 200, then SSE events. */
+static const char request_fmt_sse[] =
+    "GET /sse?token=%s&topic=%s%d HTTP/1.1\r\nHost: localhost\r\nAccept: text/event-stream\r\n\r\n";
+
 static void sub_close(struct wk *w, struct sub *s, int failed) {
     if (s->state == S_CLOSED) return;
     if (s->state == S_OPEN) w->open--;
@@ -457,7 +462,8 @@ static void sub_start(int i) {
 
 static void sub_send_request(struct wk *w, struct sub *s) {
     char req[2048];
-    int n = o.server == RELAY ? snprintf(req, sizeof req, upgrade_fmt_relay, o.token, o.prefix, s->topic)
+    int n = o.sse ? snprintf(req, sizeof req, request_fmt_sse, o.token, o.prefix, s->topic)
+          : o.server == RELAY ? snprintf(req, sizeof req, upgrade_fmt_relay, o.token, o.prefix, s->topic)
                               : snprintf(req, sizeof req, upgrade_fmt_nchan, o.prefix, s->topic);
     if (write(s->fd, req, (size_t)n) != n) {
         sub_close(w, s, 1);
@@ -568,6 +574,27 @@ static size_t frames(struct wk *w, struct sub *s, const uint8_t *b, size_t n, ui
     return off;
 }
 
+/* --sse: parses whole events (up to a blank line) in b[0..n); each one's `data:` line is what a
+ * WebSocket frame would carry (comments and the `retry:` block have none). Returns the bytes consumed. */
+static size_t sse_events(struct wk *w, struct sub *s, const uint8_t *b, size_t n, uint64_t now) {
+    size_t off = 0;
+    for (;;) {
+        const char *start = (const char *)b + off;
+        const char *end = memmem(start, n - off, "\n\n", 2);
+        if (!end) break;
+        size_t len = (size_t)(end - start);
+        const char *data = len >= 6 && memcmp(start, "data: ", 6) == 0 ? start : memmem(start, len, "\ndata: ", 7);
+        if (data) {
+            if (*data == '\n') data++;
+            data += 6;
+            const char *eol = memchr(data, '\n', (size_t)(end - data));
+            text_frame(w, s, data, (size_t)((eol ? eol : end) - data), now);
+        }
+        off += len + 2;
+    }
+    return off;
+}
+
 static void sub_readable(struct wk *w, struct sub *s) {
     char *rbuf = w->rbuf;
     size_t have = s->blen;
@@ -586,7 +613,7 @@ static void sub_readable(struct wk *w, struct sub *s) {
     if (s->state == S_HANDSHAKE) {
         char *end = memmem(rbuf, total, "\r\n\r\n", 4);
         if (!end) goto keep;
-        if (total < 12 || memcmp(rbuf + 9, "101", 3) != 0) {
+        if (total < 12 || memcmp(rbuf + 9, o.sse ? "200" : "101", 3) != 0) {
             w->refused++;
             if (!w->first_error[0]) snprintf(w->first_error, sizeof w->first_error, "handshake: %.60s", rbuf);
             sub_close(w, s, 1);
@@ -597,7 +624,8 @@ static void sub_readable(struct wk *w, struct sub *s) {
         w->open++;
         off = (size_t)(end - rbuf) + 4;
     }
-    off += frames(w, s, (uint8_t *)rbuf + off, total - off, now);
+    off += o.sse ? sse_events(w, s, (uint8_t *)rbuf + off, total - off, now)
+                 : frames(w, s, (uint8_t *)rbuf + off, total - off, now);
     if (s->state == S_CLOSED) return;
 keep:
     s->blen = (uint32_t)(total - off);
@@ -745,7 +773,8 @@ static void usage(void) {
             "usage: loadgen --server relay|nchan --port P --pubsock PATH [--token JWT] [--subs N] [--topics T]\n"
             "       [--events E] [--rate R] [--pub-seconds S] [--pubconns K] [--window W] [--pad B]\n"
             "       [--timeout S] [--quiet S] [--idle] [--no-warmup] [--prefix P] [--server-pids a,b]\n"
-            "       [--coalesce-us U] [--max-pending N] [--allow-loss] [--threads N] [--ports P1,P2,...]\n"
+            "       [--coalesce-us U] [--max-pending N] [--allow-loss] [--threads N] [--ports P1,P2,...] [--sse]\n"
+            "--sse reads the relay's GET /sse (server-sent events) instead of WebSocket.\n"
             "--ports spreads the subscribers round robin over several ports (relays of a cluster);\n"
             "the result then counts deliveries per port and --server-pids CPU per process.\n");
     exit(2);
@@ -779,6 +808,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(a, "--server-pids")) o.server_pids = ARG;
         else if (!strcmp(a, "--coalesce-us")) o.coalesce_us = atoi(ARG);
         else if (!strcmp(a, "--allow-loss")) o.allow_loss = 1;
+        else if (!strcmp(a, "--sse")) o.sse = 1;
         else if (!strcmp(a, "--threads")) o.threads = atoi(ARG);
         else if (!strcmp(a, "--ports")) {
             char list[512];

@@ -68,6 +68,8 @@ extension Hub {
     /// Brings the byte count and the history list up to date after `topic`'s frames changed.
     /// - Parameter eventArrived: the topic has a new newest event, so it moves to the list's end.
     func settle(_ topic: Topic, eventArrived: Bool) {
+        // Every path that gives a topic a new event passes here (publish, Redis's numbering, resets).
+        if eventArrived, !awaitedTopics.isEmpty, awaitedTopics.contains(topic.name) { awaitedEvent?(topic.name) }
         let bytes = topic.storedBytes(frameOverhead: configuration.frameOverheadBytes)
         historyBytes += bytes - topic.accountedBytes
         topic.accountedBytes = bytes

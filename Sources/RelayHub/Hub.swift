@@ -116,6 +116,9 @@ public struct Subscription: Sendable {
     public var frames: [ByteBuffer]
     /// True when a pattern was not subscribed: the relay holds `maxPatternSubscriptions` already.
     public var refused = false
+    /// `frames` as SSE, for an event-stream subscriber only (built per subscription: a replay is
+    /// one subscriber's, and history keeps WebSocket frames alone).
+    public var streamFrames: [ByteBuffer] = []
 }
 
 /// Counts for `/stats` and metrics.
@@ -150,6 +153,9 @@ public final class Hub {
     /// Steps eviction has taken (frames looked at or copied, topics visited): lets tests check
     /// that it stays amortised O(1) per event by counting work rather than timing it.
     var evictionWork = 0
+    /// Topics an HTTP long-poll waits on (HubReads.swift): `awaitedEvent` is told of their events.
+    public var awaitedTopics = Set<String>()
+    public var awaitedEvent: ((String) -> Void)?
 
     /// - Parameter epochPrefix: differs on every start without state, so epochs never repeat.
     public init(configuration: HubConfiguration, epochPrefix: String) {
@@ -198,8 +204,11 @@ public final class Hub {
             let targets = self.targets(of: topic)
             // Consecutive events of one topic share their run: one write batch per subscriber.
             let sameTopic = previous === topic
+            var stream: EventStreamFrames?
             for loop in 0..<loops where !targets[loop].isEmpty {
-                plan[loop].append(frame, to: targets[loop], continuingRun: sameTopic)
+                plan[loop].append(
+                    frame, stream: streamFrames(topic, loop: loop, seq: topic.seq, frame: frame, built: &stream),
+                    to: targets[loop], continuingRun: sameTopic)
                 deliveries += targets[loop].count
             }
             previous = topic
@@ -219,7 +228,24 @@ public final class Hub {
         }
         topic.targets = merged
         topic.targetsVersion = patternVersion
+        topic.streamKinds = merged.map(SSEText.kinds(of:))
         return merged
+    }
+
+    /// The event's SSE forms for `loop`, built at most once per event (`built`), and only when a
+    /// target on that loop is an event stream. Call after `targets(of:)`.
+    func streamFrames(
+        _ topic: Topic, loop: Int, seq: UInt64, frame: ByteBuffer, built: inout EventStreamFrames?
+    ) -> EventStreamFrames? {
+        let kinds = topic.streamKinds[loop]
+        guard kinds != 0 else { return nil }
+        let have = (built?.topic != nil ? SSEText.topicStream : 0) | (built?.pattern != nil ? SSEText.patternStream : 0)
+        if kinds & ~have != 0 {
+            let more = SSEText.eventFrames(
+                topic: topic.name, epoch: topic.epoch, seq: seq, frame: frame, kinds: kinds & ~have, allocator: allocator)
+            built = EventStreamFrames(topic: built?.topic ?? more.topic, pattern: built?.pattern ?? more.pattern)
+        }
+        return built
     }
 
     // MARK: Subscriptions
@@ -240,12 +266,24 @@ public final class Hub {
         idle.remove(topic)
         enforceTopicLimit()
 
+        var answer: Subscription
         if let resume, resume.epoch == topic.epoch, let missed = topic.history.frames(after: resume.since) {
-            return Subscription(epoch: topic.epoch, seq: topic.seq, recovered: true, frames: missed)
+            answer = Subscription(epoch: topic.epoch, seq: topic.seq, recovered: true, frames: missed)
+        } else {
+            answer = Subscription(
+                epoch: topic.epoch, seq: topic.seq, recovered: false,
+                frames: topic.newest.map { [$0] } ?? [])
         }
-        return Subscription(
-            epoch: topic.epoch, seq: topic.seq, recovered: false,
-            frames: topic.newest.map { [$0] } ?? [])
+        if id.isEventStream {
+            // The frames end at the topic's newest seq.
+            let first = topic.seq - UInt64(answer.frames.count) + 1
+            answer.streamFrames = answer.frames.enumerated().map { index, frame in
+                SSEText.event(
+                    id: SSEText.id(topic: nil, epoch: topic.epoch, seq: first + UInt64(index)),
+                    json: WebSocketText.payload(of: frame), allocator: allocator)
+            }
+        }
+        return answer
     }
 
     private func subscribe(_ id: SubscriberID, toPrefix prefix: String) -> Subscription {
@@ -261,8 +299,18 @@ public final class Hub {
         }
         var matching = topics.values.filter { $0.newest != nil && $0.name.hasPrefix(prefix) }
         matching.sort { $0.lastEventOrder > $1.lastEventOrder }
-        let frames = matching.prefix(configuration.patternSnapshotLimit).compactMap(\.newest)
-        return Subscription(epoch: nil, seq: 0, recovered: false, frames: frames)
+        let snapshot = matching.prefix(configuration.patternSnapshotLimit)
+        var answer = Subscription(epoch: nil, seq: 0, recovered: false, frames: snapshot.compactMap(\.newest))
+        if id.isEventStream {
+            answer.streamFrames = snapshot.compactMap { topic in
+                topic.newest.map {
+                    SSEText.event(
+                        id: SSEText.id(topic: topic.name, epoch: topic.epoch, seq: topic.seq),
+                        json: WebSocketText.payload(of: $0), allocator: allocator)
+                }
+            }
+        }
+        return answer
     }
 
     /// Ends one subscription; false when `id` did not hold it.

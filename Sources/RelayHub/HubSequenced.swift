@@ -162,8 +162,11 @@ extension Hub {
 
             let targets = self.targets(of: topic)
             let sameTopic = previous === topic
+            var stream: EventStreamFrames?
             for loop in 0..<loops where !targets[loop].isEmpty {
-                plan[loop].append(frame, to: targets[loop], continuingRun: sameTopic)
+                plan[loop].append(
+                    frame, stream: streamFrames(topic, loop: loop, seq: event.seq, frame: frame, built: &stream),
+                    to: targets[loop], continuingRun: sameTopic)
                 deliveries += targets[loop].count
             }
             previous = topic
@@ -315,15 +318,29 @@ extension Hub {
                 topic: topic.name, epoch: topic.epoch, seq: topic.seq - UInt64(following.count), recovered: false,
                 allocator: allocator)
         let targets = self.targets(of: topic)
+        // SSE forms, built once for every loop that has an event stream among the targets.
+        let firstSeq = topic.seq - UInt64(following.count) + 1
+        var streams = [EventStreamFrames?](repeating: nil, count: following.count)
+        let subscribedStream = subscribed.map {
+            EventStreamFrames(
+                topic: SSEText.event(
+                    name: "subscribed",
+                    id: SSEText.id(topic: nil, epoch: topic.epoch, seq: topic.seq - UInt64(following.count)),
+                    json: WebSocketText.payload(of: $0), allocator: allocator),
+                pattern: nil)
+        }
         for loop in 0..<loops {
             let exact = topic.subscribers[loop]
             if let subscribed, !exact.isEmpty {
-                plan[loop].append(subscribed, to: exact, continuingRun: false)
+                let stream = exact.contains(where: \.isEventStream) ? subscribedStream : nil
+                plan[loop].append(subscribed, stream: stream, to: exact, continuingRun: false)
                 deliveries += exact.count
             }
             guard !targets[loop].isEmpty else { continue }
             for (index, frame) in following.enumerated() {
-                plan[loop].append(frame, to: targets[loop], continuingRun: index > 0)
+                let stream = streamFrames(
+                    topic, loop: loop, seq: firstSeq + UInt64(index), frame: frame, built: &streams[index])
+                plan[loop].append(frame, stream: stream, to: targets[loop], continuingRun: index > 0)
             }
             deliveries += targets[loop].count * following.count
         }

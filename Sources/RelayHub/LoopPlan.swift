@@ -27,12 +27,24 @@ public struct LoopPlan: Sendable {
         case many([SubscriberID])
     }
 
+    /// The SSE forms of `frames`, same indices (SSEText.swift); empty while no run of this plan
+    /// goes to an event stream, so WebSocket-only fan-out carries nothing more.
+    public private(set) var streamFrames: [EventStreamFrames?] = []
+
     public init() {}
 
     public var isEmpty: Bool { runs.isEmpty }
 
     /// Adds `frame` for `subscribers`, to the last run when the frame continues its topic.
-    mutating func append(_ frame: ByteBuffer, to subscribers: [SubscriberID], continuingRun: Bool) {
+    mutating func append(
+        _ frame: ByteBuffer, stream: EventStreamFrames? = nil, to subscribers: [SubscriberID], continuingRun: Bool
+    ) {
+        if stream != nil || !streamFrames.isEmpty {
+            if streamFrames.count < frames.count {
+                streamFrames.append(contentsOf: repeatElement(nil, count: frames.count - streamFrames.count))
+            }
+            streamFrames.append(stream)
+        }
         frames.append(frame)
         if continuingRun, !runs.isEmpty {
             runs[runs.count - 1].end = frames.count
@@ -45,6 +57,12 @@ public struct LoopPlan: Sendable {
     /// events of many Redis messages in one hop per loop.
     public mutating func append(contentsOf other: LoopPlan) {
         let offset = frames.count
+        if !other.streamFrames.isEmpty || !streamFrames.isEmpty {
+            streamFrames.append(contentsOf: repeatElement(nil, count: offset - streamFrames.count))
+            streamFrames.append(contentsOf: other.streamFrames)
+            streamFrames.append(
+                contentsOf: repeatElement(nil, count: other.frames.count - other.streamFrames.count))
+        }
         frames.append(contentsOf: other.frames)
         runs.reserveCapacity(runs.count + other.runs.count)
         for run in other.runs {

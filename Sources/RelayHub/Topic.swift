@@ -36,6 +36,8 @@ final class Topic {
     /// Exact and pattern subscribers together, rebuilt when either changes.
     var targets: [[SubscriberID]]?
     var targetsVersion: UInt64 = 0
+    /// Per loop, the SSE id formats `targets` need (SSEText.swift), rebuilt with them.
+    var streamKinds: [UInt8] = []
 
     // Links of the hub's idle list (topics with no subscriber, least recently active first).
     var idlePrev: Topic?

@@ -43,13 +43,17 @@ public enum WebSocketText {
     /// Here rather than only in the server's control frames because in cluster mode the hub itself
     /// sends a repeated `subscribed` when Redis resets a topic, built once for all its subscribers.
     /// The bytes match the server's `ControlFrame.subscribed` for the same values.
+    /// `pingInterval`, a JSON number of seconds, is added as `"ping_interval"` (the server does it
+    /// on the first `subscribed` of a connection, so that clients time their heartbeat from it).
     public static func subscribedFrame(
-        topic: String, epoch: String?, seq: UInt64, recovered: Bool,
+        topic: String, epoch: String?, seq: UInt64, recovered: Bool, pingInterval: String? = nil,
         allocator: ByteBufferAllocator = ByteBufferAllocator()
     ) -> ByteBuffer {
         var json = "{\"op\":\"subscribed\",\"topic\":" + jsonString(topic)
         if let epoch { json += ",\"epoch\":" + jsonString(epoch) }
-        json += ",\"seq\":\(seq),\"recovered\":\(recovered)}"
+        json += ",\"seq\":\(seq),\"recovered\":\(recovered)"
+        if let pingInterval { json += ",\"ping_interval\":" + pingInterval }
+        json += "}"
         return frame(json, allocator: allocator)
     }
 

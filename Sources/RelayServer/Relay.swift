@@ -28,6 +28,8 @@ public final class Relay: Sendable {
     private let upkeep: RepeatedTask
     private let notifier: SystemdNotifier?
     private let statusTask = NIOLockedValueBox<RepeatedTask?>(nil)
+    /// Set once at start; shutdown answers its waiting long-polls (a box so the init stays as it is).
+    private let longPoll = NIOLockedValueBox<LongPoll?>(nil)
     private let metrics: RelayMetrics
     private let logger: Logger
 
@@ -169,17 +171,24 @@ public final class Relay: Sendable {
             throw error
         }
         let upkeep = driver.startUpkeep(logger: logger)
+        let longPoll = try await LongPoll.make(
+            driver: driver, maxPerSubject: configuration.maxSubscriptions, metrics: metrics)
 
         let subscriberEnvironment = SubscriberEnvironment(
             driver: driver, verifier: verifier, metrics: metrics, maxSubscriptions: configuration.maxSubscriptions,
             maxPatternSubscriptions: configuration.maxPatternSubscriptions,
             maxOutboundBytes: configuration.maxOutboundBytes, maxMessageBytes: configuration.maxClientMessageBytes,
-            logger: logger)
+            logger: logger, pingInterval: configuration.pingInterval)
+        let sseEnvironment = SSEEnvironment(
+            driver: driver, metrics: metrics, maxOutboundBytes: configuration.maxOutboundBytes,
+            maxPatternSubscriptions: configuration.maxPatternSubscriptions,
+            retryMilliseconds: configuration.sseRetryMilliseconds, pingInterval: configuration.pingInterval, logger: logger)
         let routes = HTTPRoutes(
             origins: OriginPolicy(allowed: configuration.allowedOrigins), metricsText: metricsText,
             statsJSON: { driver.refreshCounts().map { metrics.statsJSON } },
             readiness: { driver.readiness() },
-            tickets: TicketStore(), verifier: verifier, logger: logger)
+            tickets: TicketStore(), verifier: verifier, logger: logger,
+            longPoll: longPoll, eventStreams: sseEnvironment)
         let upgrader = WebSocketUpgrader(
             maxFrameSize: configuration.maxClientMessageBytes,
             accepts: { head in RequestTarget(head.uri).path == "/ws" && routes.originAllowed(head) },
@@ -249,6 +258,7 @@ public final class Relay: Sendable {
         let relay = Relay(
             configuration: configuration, group: group, hubGroup: hubGroup, driver: driver, ingest: ingest,
             http: http, upkeep: upkeep, notifier: notifier, metrics: metrics, logger: logger)
+        relay.longPoll.withLockedValue { $0 = longPoll }
         logger.notice(
             "relay serving",
             metadata: [
@@ -302,6 +312,10 @@ public final class Relay: Sendable {
             logger.debug("cluster stopped", metadata: ["after": "\(elapsed())"])
         }
 
+        // Long-polls are answered with what the drained lines gave them, as subscribers are delivered them.
+        if let longPoll = longPoll.withLockedValue({ $0 }) {
+            await Self.wait(for: longPoll.stop(), upTo: .milliseconds(200), on: driver.hubLoop)
+        }
         await Self.wait(for: driver.closeAllSubscribers(.goingAway), upTo: .milliseconds(1500), on: driver.hubLoop)
         // Connections still open are closed here, before the loops stop, so no callback of theirs outlives them.
         await Self.wait(for: driver.closeAllSubscribersNow(), upTo: .milliseconds(200), on: driver.hubLoop)

@@ -23,6 +23,8 @@ public struct RelayConfiguration: Sendable {
     /// Largest client message after reassembly.
     public var maxClientMessageBytes: Int
     public var pingInterval: TimeAmount
+    /// `--sse-retry`: the `retry:` an SSE stream starts with (milliseconds before a browser reconnects).
+    public var sseRetryMilliseconds = 2000
     public var stateFile: String?
     public var hub: HubConfiguration
     /// Event loops for subscribers; the hub and the emitter connections have a thread of their own.

@@ -39,6 +39,13 @@ public final class RelayMetrics: Sendable {
     private let pausedCounter = Counter(label: "progress_relay_ingest_paused_total")
     private let delayTimer = Timer(label: "progress_relay_delivery_delay_seconds")
     private let historyBytesGauge = Gauge(label: "progress_relay_history_bytes")
+    /// `GET /topics/{topic}` (`topic`) and `GET /topics/{topic}/events` (`topic_events`), answered or refused.
+    private let topicRequestCounters = [
+        "topic": Counter(label: "progress_relay_http_requests_total", dimensions: [("route", "topic")]),
+        "topic_events": Counter(label: "progress_relay_http_requests_total", dimensions: [("route", "topic_events")]),
+    ]
+    private let longPollGauge = Gauge(label: "progress_relay_longpoll_waiters")
+    private let longPolls = Atomic<Int>(0)
     private let historyEvictedCounter = Counter(
         label: "progress_relay_history_evictions_total", dimensions: [("reason", "history")])
     private let topicsEvictedCounter = Counter(label: "progress_relay_history_evictions_total", dimensions: [("reason", "topic")])
@@ -73,6 +80,15 @@ public final class RelayMetrics: Sendable {
         let now = subscribers.add(delta, ordering: .relaxed).newValue
         subscriberGauge.record(now)
     }
+
+    /// An SSE stream (`GET /sse`): counted as a subscriber, like a WebSocket, and apart in
+    /// `progress_relay_sse_connections` (`/stats` "sse_connections"), which is a subset.
+    func eventStreamConnected(_ delta: Int) {
+        subscriberConnected(delta)
+        sseGauge.record(sseStreams.add(delta, ordering: .relaxed).newValue)
+    }
+    private let sseStreams = Atomic<Int>(0)
+    private let sseGauge = Gauge(label: "progress_relay_sse_connections")
 
     /// Returns the count after the change: what `--max-connections` is checked against.
     func httpConnected(_ delta: Int) -> Int {
@@ -134,6 +150,17 @@ public final class RelayMetrics: Sendable {
         subscriptionsGauge.record(counts.subscriptions)
     }
 
+    /// A request to one of the `/topics` routes (TopicRoutes.swift).
+    func topicRequest(route: String) {
+        topicRequestCounters[route]?.increment()
+    }
+
+    /// Long-polls waiting now (LongPollWaiters.swift).
+    func longPollWaiters(_ count: Int) {
+        longPolls.store(count, ordering: .relaxed)
+        longPollGauge.record(count)
+    }
+
     /// `--max-history-bytes`: the bytes now counted, and the evictions since the last report.
     func historyStored(bytes: Int, evicted: HistoryEvictions) {
         historyBytesGauge.record(bytes)
@@ -147,6 +174,7 @@ public final class RelayMetrics: Sendable {
             ("emitter_connections", emitters.load(ordering: .relaxed)),
             ("subscriber_connections", subscribers.load(ordering: .relaxed)),
             ("http_connections", httpConnections.load(ordering: .relaxed)),
+            ("sse_connections", sseStreams.load(ordering: .relaxed)),
             ("topics", hubTopics.load(ordering: .relaxed)),
             ("subscriptions", hubSubscriptions.load(ordering: .relaxed)),
             ("events_received", received.load(ordering: .relaxed)),
@@ -157,6 +185,7 @@ public final class RelayMetrics: Sendable {
             ("ingest_answers_dropped", answersDropped.load(ordering: .relaxed)),
             ("ingest_paused", ingestPaused.load(ordering: .relaxed)),
             ("keys", keys.load(ordering: .relaxed)),
+            ("longpoll_waiters", longPolls.load(ordering: .relaxed)),
         ]
         return "{" + fields.map { "\"\($0.0)\":\($0.1)" }.joined(separator: ",") + "}"
     }

@@ -20,7 +20,7 @@ enum EnvironmentFlags {
             ("emitter-idle-timeout", .single), ("emitter-partial-line-timeout", .single),
             ("max-connections", .single), ("max-connections-per-ip", .single), ("trusted-proxy", .repeatable),
             ("handshake-timeout", .single),
-            ("ping-interval", .single), ("state-file", .single), ("max-topics", .single), ("max-history-bytes", .single),
+            ("ping-interval", .single), ("sse-retry", .single), ("state-file", .single), ("max-topics", .single), ("max-history-bytes", .single),
             ("max-subscriptions", .single), ("max-pattern-subscriptions", .single),
             ("max-pattern-subscriptions-total", .single), ("topic-ttl", .single), ("log-level", .single), ("allow-tokens-without-exp", .toggle),
             ("dev", .toggle), ("redis", .single), ("redis-prefix", .single), ("redis-queue-bytes", .single),
@@ -28,6 +28,7 @@ enum EnvironmentFlags {
         ],
         "emit": [("socket", .single)],
         "token": [("jwt-secret-file", .single)],
+        "watch": [("url", .single), ("token-file", .single), ("token", .single)],
     ]
 
     /// The command line with the variables' flags added, and which flag came from which variable

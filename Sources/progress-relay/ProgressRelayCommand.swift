@@ -9,7 +9,7 @@ struct ProgressRelayCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "progress-relay",
         abstract: "Relays progress events from a Unix socket to authenticated WebSocket subscribers.",
-        subcommands: [ServeCommand.self, EmitCommand.self, TokenCommand.self]
+        subcommands: [ServeCommand.self, EmitCommand.self, TokenCommand.self, WatchCommand.self]
     )
 
     /// Exit statuses: 0 done, 1 failed at run time, 2 bad flags or configuration. Every error is
@@ -39,7 +39,7 @@ struct ProgressRelayCommand: AsyncParsableCommand {
             // The parser's own message, without its usage block: one line, like every other error.
             let lines = message(for: error).split(whereSeparator: \.isNewline)
                 .map { $0.trimmingCharacters(in: .whitespaces) }.filter { !$0.isEmpty }
-            let subcommand = arguments.first.map { ["serve", "emit", "token"].contains($0) ? " \($0)" : "" } ?? ""
+            let subcommand = arguments.first.map { ["serve", "emit", "token", "watch"].contains($0) ? " \($0)" : "" } ?? ""
             fail(
                 (lines.isEmpty ? "invalid arguments" : lines.joined(separator: " "))
                     + " (see progress-relay\(subcommand) --help)",

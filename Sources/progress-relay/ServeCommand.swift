@@ -133,6 +133,11 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(name: .customLong("ping-interval"), parsing: .unconditional, help: "Seconds between WebSocket pings.")
     var pingInterval: Double = 25
 
+    @Option(
+        name: .customLong("sse-retry"), parsing: .unconditional,
+        help: "Milliseconds an SSE client (EventSource) waits before it reconnects (the stream's `retry:`).")
+    var sseRetry: Int = 2000
+
     @Option(name: .customLong("state-file"), help: "State written on shutdown and read back on start.")
     var stateFile: String?
 
@@ -384,6 +389,9 @@ struct ServeCommand: AsyncParsableCommand {
         ] where value < minimum {
             throw CLIError.usage("\(flag) \(value): must be at least \(minimum)")
         }
+        guard (0...3_600_000).contains(sseRetry) else {
+            throw CLIError.usage("--sse-retry \(sseRetry): must be 0 to 3600000 milliseconds")
+        }
         guard pingInterval > 0, pingInterval.isFinite else {
             throw CLIError.usage("--ping-interval \(pingInterval): must be a positive number of seconds")
         }
@@ -392,7 +400,7 @@ struct ServeCommand: AsyncParsableCommand {
         }
         let emitterLimits = try checkedEmitterLimits()
         let httpEdge = try checkedHTTPEdge()
-        let configuration = RelayConfiguration(
+        var configuration = RelayConfiguration(
             socketPath: socket ?? (dev ? DevMode.socketPath() : "/run/progress.sock"),
             socketMode: mode,
             listenHost: host,
@@ -412,6 +420,7 @@ struct ServeCommand: AsyncParsableCommand {
             publishPolicy: publishRules.isEmpty ? nil : PublishPolicy(rules: publishRules),
             emitterLimits: emitterLimits,
             httpEdge: httpEdge)
+        configuration.sseRetryMilliseconds = sseRetry
         let rules = TokenRules(
             grantTemplates: templates, allowsMissingExpiry: allowTokensWithoutExp, audience: jwtAudience, issuer: jwtIssuer,
             leeway: jwtLeeway)

@@ -438,7 +438,7 @@ async def test_single_relay_with_redis_behaves_like_today(cluster_factory):
     c = cluster_factory(n=1)
     r = c.A
     s, f = await sub_to(r, "task:42")
-    assert set(f) == {"op", "topic", "epoch", "seq", "recovered"}, f
+    assert set(f) == {"op", "topic", "epoch", "seq", "recovered", "ping_interval"}, f
     assert (f["seq"], f["recovered"]) == (0, False)
     lines = [b'{"topic":"task:42","type":"progress","progress":%d,"message":"%d/5"}' % (20 * i, i)
              for i in range(1, 6)]
@@ -450,7 +450,7 @@ async def test_single_relay_with_redis_behaves_like_today(cluster_factory):
     # resume, newest-only: as today
     s2, f2 = await sub_to(r, "task:42", epoch=f["epoch"], since=2)
     assert f2 == {"op": "subscribed", "topic": "task:42", "epoch": f["epoch"], "seq": 5,
-                  "recovered": True}
+                  "recovered": True, "ping_interval": 25}
     await s2.wait_events(3)
     assert [e["seq"] for e in s2.events()] == [3, 4, 5]
     s3, f3 = await sub_to(r, "task:42")
@@ -1055,7 +1055,7 @@ async def test_11_patterns_across_relays(cluster_factory):
 
     pat = await Sub.open(c.B, name="pattern@B")
     f = await pat.subscribe("task:*")
-    assert f == {"op": "subscribed", "topic": "task:*", "seq": 0, "recovered": False}, f
+    assert f == {"op": "subscribed", "topic": "task:*", "seq": 0, "recovered": False, "ping_interval": 25}, f
     await pat.wait_events(2, timeout=10)
     await asyncio.sleep(0.3)
     snap = [(e["topic"], e["seq"], e["i"]) for e in pat.events()]

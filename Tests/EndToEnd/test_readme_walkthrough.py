@@ -2,10 +2,10 @@
 
 The shell blocks of that section are read from README.md when the test runs, so a change to the
 README changes the test. They run, in order, in one bash, as a new user types them; the
-long-running ones (the serve of step 1, the subscribers of steps 3 and 5) run in the background,
-with their output in files and their standard input a pipe the script writes to (closing it is
-the Ctrl-D of step 5). Every command must exit 0, and every frame the section quotes is checked
-against what the subscriber printed.
+long-running ones (the serve of step 1, the `watch` of step 3, the subscriber of step 5) run in
+the background, with their output in files and their standard input a pipe the script writes to
+(closing it is a person's Ctrl-D). Every command must exit 0 (`watch` too, which ends by itself at
+`complete`), and every frame the section quotes is checked against what the subscribers printed.
 
 One departure: step 1's `swift build -c release` (minutes, and it needs a writable checkout) is
 replaced by a working directory whose `.build/release/progress-relay` is the binary under test
@@ -125,10 +125,10 @@ class Walkthrough:
         self.step2 = commands(self.blocks[2][0])
         assert any(c.startswith("TOKEN=") for c in self.step2), self.step2
 
-        # step 3: the subscriber (long-running)
+        # step 3: the subscriber, `progress-relay watch --json` (long-running until `complete`)
         (self.subscribe,) = commands(self.blocks[3][0])
-        assert self.subscribe.startswith("python3 -m websockets "), self.subscribe
-        m = re.search(r"ws://([0-9.]+):(\d+)/", self.subscribe)
+        assert re.search(rf"(^|\s){re.escape(RELEASE_BIN)} watch .*--json", self.subscribe), self.subscribe
+        m = re.search(r"--url http://([0-9.]+):(\d+)", self.subscribe)
         assert m, self.subscribe
         self.host, self.port = m.group(1), int(m.group(2))
         (self.subscribed,) = [f for f in quoted_json(st[3]) if '"op":"subscribed"' in f]
@@ -228,7 +228,7 @@ def build_script(w: Walkthrough, out: Path, checkout: Path) -> str:
         "",
         "# ---- 5. Resume: the subscriber ends (^D), a new one, then the README's frame",
         "exec 7>&-",
-        "wait $SUB1; echo $? >\"$OUT/sub1.rc\"",
+        "wait $SUB1; echo $? >\"$OUT/sub1.rc\"   # watch ended at `complete`, by itself",
         "EPOCH=$(grep -o '\"epoch\":\"[^\"]*\"' \"$OUT/sub1.out\" | head -1 | cut -d'\"' -f4)",
         "[ -n \"$EPOCH\" ] || fail 'no epoch in the subscribed frame of step 3'",
         'mkfifo "$OUT/sub2.in"',
@@ -315,6 +315,11 @@ def printed_frames(path: Path) -> list[str]:
     """The text frames `python3 -m websockets` printed (`< {...}`), as received."""
     text = _ESCAPES.sub("", path.read_text(errors="replace"))
     return [m.group(1) for m in re.finditer(r"< (\{.*\})[ \t]*$", text, re.M)]
+
+
+def watched_frames(path: Path) -> list[str]:
+    """The frames `progress-relay watch --json` printed: one JSON object per line, as received."""
+    return [l for l in path.read_text(errors="replace").splitlines() if l.startswith("{")]
 
 
 def same_frame(readme: str, got: str, epoch: str) -> None:
@@ -419,7 +424,7 @@ def test_readme_walkthrough_word_for_word_as_an_unprivileged_user():
         assert all(rc == "0" for rc, _ in ran), report
 
         # 3. "The first frame answers the subscription", seq 0, then 4. the two events, exactly
-        first = printed_frames(out / "sub1.out")
+        first = watched_frames(out / "sub1.out")
         assert len(first) == 3, report
         epoch = json.loads(first[0]).get("epoch", "")
         same_frame(w.subscribed, first[0], epoch)
@@ -427,6 +432,9 @@ def test_readme_walkthrough_word_for_word_as_an_unprivileged_user():
         assert first[1:] == w.events, (
             f"the README says the subscriber receives {w.events}; it printed {first[1:]}\n"
             f"{report}")
+
+        # 3. "It ends by itself, with exit status 0, once the topic sends `complete`"
+        assert read("sub1.rc").strip() == "0", report
 
         # 5. the README's frame, with our epoch: a subscribed frame with recovered:true, then
         # every event after `since`, exactly as step 4 quotes them; nothing else

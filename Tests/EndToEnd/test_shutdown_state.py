@@ -143,7 +143,7 @@ async def test_state_file_keeps_epoch_seq_history_across_restart(relay_factory):
     ws = await ws_connect(relay)
     f = await subscribe(ws, "st", epoch=s0["epoch"], since=3)
     assert f == {"op": "subscribed", "topic": "st", "epoch": s0["epoch"], "seq": 7,
-                 "recovered": True}
+                 "recovered": True, "ping_interval": 25}
     assert await recv_event_texts(ws, 4) == [event_text(i, (lines + more)[i - 1])
                                              for i in range(4, 8)]
     await expect_nothing(ws, 0.3)

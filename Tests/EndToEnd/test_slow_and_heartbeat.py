@@ -96,7 +96,7 @@ async def test_pattern_snapshot_does_not_count_against_the_bound(relay_factory):
         return sub, evs
 
     sub, evs = await asyncio.to_thread(read_all)
-    assert sub == {"op": "subscribed", "topic": "sn:*", "seq": 0, "recovered": False}
+    assert sub == {"op": "subscribed", "topic": "sn:*", "seq": 0, "recovered": False, "ping_interval": 25}
     assert sorted(e["i"] for e in evs) == list(range(n))
     r.send_json({"op": "ping"})
     assert r.recv_json() == {"op": "pong", "type": "pong"}

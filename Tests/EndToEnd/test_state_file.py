@@ -58,7 +58,7 @@ async def assert_recovered(relay, topic: str, epoch: str, n: int, since: int = 1
     ws = await ws_connect(relay)
     f = await subscribe(ws, topic, epoch=epoch, since=since)
     assert f == {"op": "subscribed", "topic": topic, "epoch": epoch, "seq": n,
-                 "recovered": True}, f"the state was not restored: {f}"
+                 "recovered": True, "ping_interval": 25}, f"the state was not restored: {f}"
     assert await recv_event_texts(ws, n - since) == [event_text(i, ev(topic, i))
                                                      for i in range(since + 1, n + 1)]
     await expect_nothing(ws, 0.2)

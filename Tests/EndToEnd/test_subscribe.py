@@ -14,6 +14,9 @@ from relaylib import (
 )
 
 SUBSCRIBED_KEYS = {"op", "topic", "epoch", "seq", "recovered"}
+# The first `subscribed` of a connection also tells the relay's --ping-interval (seconds).
+FIRST_SUBSCRIBED_KEYS = SUBSCRIBED_KEYS | {"ping_interval"}
+PING = {"ping_interval": 25}
 
 
 def ev(topic: str, i: int, **kw) -> bytes:
@@ -100,8 +103,8 @@ async def test_subscribed_frame_for_a_new_topic(relay):
     ws = await ws_connect(relay)
     await send_json(ws, {"op": "subscribe", "topic": "fresh"})
     f = await recv_json(ws)
-    assert set(f) == SUBSCRIBED_KEYS, f
-    assert f["op"] == "subscribed" and f["topic"] == "fresh"
+    assert set(f) == FIRST_SUBSCRIBED_KEYS, f
+    assert f["op"] == "subscribed" and f["topic"] == "fresh" and f["ping_interval"] == 25
     assert f["seq"] == 0 and f["recovered"] is False
     assert isinstance(f["epoch"], str) and f["epoch"]
     await expect_nothing(ws, 0.3)
@@ -117,7 +120,7 @@ async def test_new_subscriber_gets_only_the_newest_event(relay):
     ws = await ws_connect(relay)
     await send_json(ws, {"op": "subscribe", "topic": "t"})
     f = await recv_json(ws)
-    assert set(f) == SUBSCRIBED_KEYS, f
+    assert set(f) == FIRST_SUBSCRIBED_KEYS, f
     assert (f["seq"], f["recovered"]) == (3, False)
     assert await recv_event_texts(ws, 1) == [event_text(3, lines[2])]
     await expect_nothing(ws, 0.3)
@@ -149,9 +152,9 @@ async def test_resume_with_same_epoch_replays_exactly_the_missed_events(relay):
 
     ws = await ws_connect(relay)
     f = await subscribe(ws, "t", epoch=s["epoch"], since=3)
-    assert set(f) == SUBSCRIBED_KEYS
+    assert set(f) == FIRST_SUBSCRIBED_KEYS
     assert f == {"op": "subscribed", "topic": "t", "epoch": s["epoch"], "seq": 6,
-                 "recovered": True}
+                 "recovered": True, **PING}
     assert await recv_event_texts(ws, 3) == [event_text(i, lines[i - 1]) for i in (4, 5, 6)]
     await expect_nothing(ws, 0.3)
     assert await relay.aemit([ev("t", 7)]) == []
@@ -206,7 +209,7 @@ async def test_history_keeps_exactly_n_events(relay_factory, since, recovered, e
     ws = await ws_connect(relay)
     f = await subscribe(ws, "h", epoch=s["epoch"], since=since)
     assert f == {"op": "subscribed", "topic": "h", "epoch": s["epoch"], "seq": 10,
-                 "recovered": recovered}
+                 "recovered": recovered, **PING}
     texts = await recv_event_texts(ws, len(expect))
     assert texts == [event_text(i, lines[i - 1]) for i in expect]
     await expect_nothing(ws, 0.3)
@@ -237,7 +240,7 @@ async def test_since_without_the_right_epoch_gives_the_newest_event(relay, epoch
     ws = await ws_connect(relay)
     f = await subscribe(ws, "t", epoch=epoch, since=2)
     assert f == {"op": "subscribed", "topic": "t", "epoch": s["epoch"], "seq": 5,
-                 "recovered": False}
+                 "recovered": False, **PING}
     assert await recv_event_texts(ws, 1) == [event_text(5, lines[4])]
     await expect_nothing(ws, 0.3)
 
@@ -254,7 +257,7 @@ async def test_pattern_snapshot_most_recent_first_then_live(relay):
     ws = await ws_connect(relay)
     await send_json(ws, {"op": "subscribe", "topic": "task:*"})
     f = await recv_json(ws)
-    assert f == {"op": "subscribed", "topic": "task:*", "seq": 0, "recovered": False}
+    assert f == {"op": "subscribed", "topic": "task:*", "seq": 0, "recovered": False, **PING}
     snap = await recv_event_texts(ws, 3)
     assert snap == [event_text(2, lines[4]), event_text(1, lines[2]), event_text(1, lines[1])]
     await expect_nothing(ws, 0.3)
@@ -272,7 +275,7 @@ async def test_star_alone_matches_every_topic(relay):
     await settle(relay, "b:c", 1)
     ws = await ws_connect(relay)
     f = await subscribe(ws, "*")
-    assert f == {"op": "subscribed", "topic": "*", "seq": 0, "recovered": False}
+    assert f == {"op": "subscribed", "topic": "*", "seq": 0, "recovered": False, **PING}
     snap = await recv_events(ws, 2)
     assert [e["topic"] for e in snap] == ["b:c", "a"]
     assert await relay.aemit([ev("zz", 3)]) == []
@@ -286,7 +289,7 @@ async def test_pattern_has_no_resume(relay):
     ws = await ws_connect(relay)
     await send_json(ws, {"op": "subscribe", "topic": "p:*", "epoch": s["epoch"], "since": 1})
     f = await recv_json(ws)
-    assert f == {"op": "subscribed", "topic": "p:*", "seq": 0, "recovered": False}
+    assert f == {"op": "subscribed", "topic": "p:*", "seq": 0, "recovered": False, **PING}
     assert [e["seq"] for e in await recv_events(ws, 1)] == [3]
     await expect_nothing(ws, 0.3)
 
@@ -307,7 +310,7 @@ async def test_pattern_snapshot_holds_at_most_1000_topics(relay):
 async def test_pattern_via_url_topic(relay):
     ws = await ws_connect(relay, topics=["job:*"])
     f = await recv_json(ws)
-    assert f == {"op": "subscribed", "topic": "job:*", "seq": 0, "recovered": False}
+    assert f == {"op": "subscribed", "topic": "job:*", "seq": 0, "recovered": False, **PING}
     assert await relay.aemit([ev("job:1", 1), ev("jobs", 2), ev("job:2", 3)]) == []
     assert [e["i"] for e in await recv_events(ws, 2)] == [1, 3]
 
@@ -351,8 +354,10 @@ async def test_url_topics_are_repeatable(relay):
     subs = {f["topic"]: f for f in frames if f.get("op") == "subscribed"}
     assert set(subs) == {"u1", "u2"}
     assert subs["u1"]["seq"] == 1 and subs["u2"]["seq"] == 0
+    # The first answered (u1, the first in the URL) carries ping_interval, the other not.
+    assert set(subs["u1"]) == FIRST_SUBSCRIBED_KEYS and set(subs["u2"]) == SUBSCRIBED_KEYS
     for f in subs.values():
-        assert set(f) == SUBSCRIBED_KEYS and f["recovered"] is False
+        assert f["recovered"] is False
     evs = [f for f in frames if "op" not in f]
     assert evs == [{"seq": 1, "topic": "u1", "i": 1}]
     # the event of u1 comes after u1's subscribed frame

@@ -13,14 +13,11 @@ import http.client
 import json
 import os
 import re
-import shutil
-import signal
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
+import nginxlib
 import relaylib
 from relaylib import (
     RawWS, async_test, expect_close, ping_pong, recv_events, recv_json, send_json, ws_connect,
@@ -346,9 +343,6 @@ async def test_refresh_and_expiry_on_a_ticket_connection(relay):
 # ---------------------------------------------------------------------------------------------
 # nginx in front, configured as the README says: which logs hold the token
 
-NGINX = os.environ.get("NGINX_BIN") or "/usr/sbin/nginx"
-
-
 def readme_nginx_block() -> str:
     text = (relaylib.REPO / "README.md").read_text()
     blocks = re.findall(r"```nginx\n(.*?)```", text, re.S)
@@ -356,14 +350,14 @@ def readme_nginx_block() -> str:
     return blocks[0]
 
 
-class Nginx:
+class Nginx(nginxlib.Nginx):
+    """nginx (nginxlib) with the README's block, its access log in the temporary directory and a
+    `combined` one beside it."""
+
     def __init__(self, relay_port: int):
-        self.dir = relaylib.short_tmpdir("ngx-")
-        os.chmod(self.dir, 0o755)
-        self.port = relaylib.free_port()
+        super().__init__()
         self.access_log = self.dir / "access.log"
         self.combined_log = self.dir / "combined.log"
-        self.error_log = self.dir / "error.log"
         block = readme_nginx_block()
         readme_log = "/var/log/nginx/progress-relay.access.log"
         assert "listen 80;" in block and "127.0.0.1:8765" in block and readme_log in block
@@ -372,47 +366,10 @@ class Nginx:
         # The README's log, and beside it what nginx's default format would have written.
         block = block.replace(readme_log + " progress_relay;",
                               f"{self.access_log} progress_relay;\n    access_log {self.combined_log} combined;")
-        temp = "\n".join(f"    {kind}_temp_path {self.dir}/{kind};"
-                         for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-        conf = (f"worker_processes 1;\npid {self.dir}/nginx.pid;\nerror_log {self.error_log} info;\n"
-                f"events {{ worker_connections 1024; }}\nhttp {{\n{temp}\n{block}\n}}\n")
-        self.conf = self.dir / "nginx.conf"
-        self.conf.write_text(conf)
-        self.proc: subprocess.Popen | None = None
-
-    def start(self):
-        self.proc = subprocess.Popen(
-            [NGINX, "-p", str(self.dir), "-e", str(self.error_log), "-c", str(self.conf), "-g", "daemon off;"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(self.dir / "stderr", "wb"))
-        deadline = time.monotonic() + 10
-        while True:
-            assert self.proc.poll() is None, (self.dir / "stderr").read_text() + self.error_log.read_text()
-            try:
-                conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=1)
-                conn.request("GET", "/healthz")
-                if conn.getresponse().status == 200:
-                    return self
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "nginx did not answer"
-            time.sleep(0.05)
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGQUIT)  # graceful: every log line is written
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-
-    def cleanup(self):
-        self.stop()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self.configure(block)
 
     def logs(self) -> dict[str, str]:
-        return {p.name: p.read_text(errors="replace") if p.exists() else ""
-                for p in (self.access_log, self.combined_log, self.error_log)}
+        return self.read_logs(self.access_log, self.combined_log, self.error_log)
 
 
 class Through:
@@ -442,7 +399,7 @@ def hits(text: str, tokens: list[str]) -> int:
 WAYS = ("subprotocol", "ticket", "query")
 
 
-@pytest.mark.skipif(not os.access(NGINX, os.X_OK), reason="needs Debian's nginx (.ci/run installs nginx-light)")
+@pytest.mark.skipif(not nginxlib.have_nginx(), reason=nginxlib.SKIP_REASON)
 @async_test(timeout=240)
 async def test_nginx_in_front_no_token_in_the_logs(relay_factory):
     """100 connections each way through nginx with the README's configuration; then the nginx

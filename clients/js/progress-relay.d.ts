@@ -80,6 +80,7 @@ export type SubscriptionStatus =
   | { status: 'ended'; topic: string; reason: string }
   | { status: 'error'; topic: string; code: string; message?: string };
 
+/** `idle`: before the first connect (`relay.state` only; no `state` event carries it). */
 export type ConnectionState = 'idle' | 'connecting' | 'open' | 'closed';
 
 export interface StateChange {
@@ -115,14 +116,21 @@ export interface TokenChange {
   refreshed?: boolean;
 }
 
+/** What `getToken` gives: the token, or a token endpoint's JSON answer with the token in
+ * `token` (other fields, such as `topic` and `url`, are ignored). */
+export type TokenAnswer = string | { token: string; [field: string]: unknown };
+
 export interface ProgressRelayOptions {
   /** A token to start with. */
   token?: string;
   /** Gives a fresh token: called on start without `token`, after close 4401, and before
-   * `exp` to refresh the open connection. */
-  getToken?: () => string | Promise<string>;
+   * `exp` to refresh the open connection. A token, or an object whose `token` is one (a token
+   * endpoint's JSON answer, `{"token": "<JWT>", ...}`), or a promise of either. */
+  getToken?: () => TokenAnswer | Promise<TokenAnswer>;
   /** ms; the client sends {"op":"ping"} after half an interval of silence and reconnects
-   * after two intervals without any frame. 0 turns it off. Default 25000. */
+   * after two intervals without any frame. 0 turns it off. Default: the relay's
+   * `--ping-interval` (the `ping_interval` of a connection's first `subscribed` frame), 25000
+   * until it is known; a value given here is kept. */
   pingInterval?: number;
   /** first reconnect delay in ms, before jitter. Default 500. */
   minDelay?: number;

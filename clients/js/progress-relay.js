@@ -8,7 +8,7 @@
 // topic), the client takes the new epoch and seq and tells the app with a `reset` status.
 //
 //   import { ProgressRelay } from './progress-relay.js';
-//   const relay = new ProgressRelay('/ws', { getToken: () => fetch('/relay-token').then(r => r.text()) });
+//   const relay = new ProgressRelay('/ws', { getToken: () => fetch('/relay-token').then(r => r.json()) });
 //   relay.on('state', (s) => console.log(s.state));
 //   const stop = relay.subscribe('task:42', (event) => console.log(event.seq, event.type));
 //
@@ -27,8 +27,6 @@ export const CloseCode = Object.freeze({
   UNSUPPORTED_DATA: 1003,
   ABNORMAL: 1006,
   INVALID_PAYLOAD: 1007,
-  /** Over the relay's operation rate (100 a second): retried with backoff, but the app sends too much. */
-  POLICY_VIOLATION: 1008,
   /** Over the relay's operation rate (100 a second): retried with backoff, but the app sends too much. */
   POLICY_VIOLATION: 1008,
   MESSAGE_TOO_BIG: 1009,
@@ -81,6 +79,9 @@ export class ProgressRelay {
     this._token = options.token || null;
     this._tokenAt = this._token ? Date.now() : 0;
     this._getToken = typeof options.getToken === 'function' ? options.getToken : null;
+    // Without an explicit pingInterval, the relay's own (`ping_interval` of the first
+    // `subscribed` frame of a connection) replaces the default.
+    this._pingIntervalSet = options.pingInterval !== undefined;
     this._needFreshToken = false;
 
     /** @type {Map<string, Sub>} subscriptions by topic or pattern, in the order made */
@@ -286,8 +287,8 @@ export class ProgressRelay {
       error.fatal = true;
       throw error;
     }
-    const token = await this._getToken();
-    if (typeof token !== 'string' || token === '') throw new Error('getToken returned no token');
+    const token = tokenOf(await this._getToken());
+    if (!token) throw new Error('getToken returned no token');
     this._adoptToken(token);
     this._needFreshToken = false;
     return token;
@@ -394,6 +395,16 @@ export class ProgressRelay {
     this._setTimer('heartbeat', interval / 2, tick);
   }
 
+  /** The relay's `--ping-interval` (seconds), told in a connection's first `subscribed` frame:
+   * used unless the app set `pingInterval` itself. */
+  _adoptPingInterval(seconds) {
+    if (this._pingIntervalSet || typeof seconds !== 'number' || !(seconds > 0) || !isFinite(seconds)) return;
+    const ms = seconds * 1000;
+    if (ms === this.options.pingInterval) return;
+    this.options.pingInterval = ms;
+    if (this._isOpen()) this._startHeartbeat();
+  }
+
   // ------------------------------------------------------------------------------------------
   // token refresh: at min(refreshBefore, a quarter of the token's life) before `exp`, measured
   // both on this clock and from the moment the token arrived (`exp - iat`), whichever is sooner,
@@ -427,8 +438,8 @@ export class ProgressRelay {
     this._refreshedExp = oldExp;
     let token;
     try {
-      token = await this._getToken();
-      if (typeof token !== 'string' || token === '') throw new Error('getToken returned no token');
+      token = tokenOf(await this._getToken());
+      if (!token) throw new Error('getToken returned no token');
     } catch (error) {
       if (generation !== this._generation || this._stopped) return;
       this._emit('error', { code: 'token', message: 'getToken failed: ' + describe(error), error });
@@ -515,6 +526,7 @@ export class ProgressRelay {
     // The subscription this frame belongs to was ended by our unsubscribe (not answered yet):
     // a late reset of it, not the answer to a newer subscribe, which comes after `unsubscribed`.
     if (this._unsubscribing.has(frame.topic)) return;
+    this._adoptPingInterval(frame.ping_interval);
     const epoch = typeof frame.epoch === 'string' ? frame.epoch : null;
     const seq = typeof frame.seq === 'number' ? frame.seq : 0;
     // A second `subscribed` for a live subscription: the relay reset the topic's stream.
@@ -771,6 +783,14 @@ function toWebSocketURL(url) {
   }
   parsed.searchParams.delete('token');
   return parsed;
+}
+
+/** getToken's answer: a token, or an object with `token` (the JSON a token endpoint answers,
+ * `{"token": …}`); '' when it is neither. */
+function tokenOf(value) {
+  if (typeof value === 'string') return value;
+  if (value && typeof value === 'object' && typeof value.token === 'string') return value.token;
+  return '';
 }
 
 function describe(error) {

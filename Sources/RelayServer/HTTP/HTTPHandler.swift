@@ -63,6 +63,10 @@ struct HTTPRoutes: Sendable {
     let tickets: TicketStore
     let verifier: TokenVerifier
     let logger: Logger
+    /// `GET /topics/{topic}` and its long-poll `/events` (TopicRoutes.swift); nil serves no `/topics`.
+    var longPoll: LongPoll? = nil
+    /// `GET /sse` (SSE/SSERoute.swift); nil serves no `/sse`.
+    var eventStreams: SSEEnvironment? = nil
 
     /// Browsers send `Origin`; other clients do not and are always allowed.
     func originAllowed(_ head: HTTPRequestHead) -> Bool {
@@ -133,6 +137,12 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
     private func route(_ head: HTTPRequestHead, context: ChannelHandlerContext) {
         let target = RequestTarget(head.uri)
         if target.path == "/ticket" { return ticket(head, context: context) }
+        if target.path == "/sse", let eventStreams = routes.eventStreams {
+            return SSERoute.serve(head, routes: routes, environment: eventStreams, edge: edge, context: context)
+        }
+        if target.path.hasPrefix("/topics/"), let longPoll = routes.longPoll {
+            return TopicRoutes.serve(head, routes: routes, longPoll: longPoll, edge: edge, context: context)
+        }
         if target.path == "/ws" {
             // Whatever the answer, a ticket in this URL is now used.
             _ = routes.redeemTicket(head)
@@ -177,7 +187,10 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
                     ("Content-Security-Policy", "frame-ancestors 'none'"),
                 ], context: context)
         case "/progress-relay.js":
-            respond(head, .ok, StaticFiles.browserClient, contentType: "text/javascript; charset=utf-8", context: context)
+            // A public static file (no credentials, no token): pages of any origin may import it.
+            respond(
+                head, .ok, StaticFiles.browserClient, contentType: "text/javascript; charset=utf-8",
+                extraHeaders: [("Access-Control-Allow-Origin", "*")], context: context)
         default:
             respond(head, .notFound, "not found\n", context: context)
         }

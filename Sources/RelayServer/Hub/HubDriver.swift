@@ -183,6 +183,11 @@ final class HubDriver: Sendable {
         }
     }
 
+    /// Runs `body` with the hub on its loop: how the long-poll registry (LongPollWaiters.swift) gets it.
+    func withHub<T: Sendable>(_ body: @escaping @Sendable (Hub) -> T) -> EventLoopFuture<T> {
+        hubLoop.submit { [hub] in body(hub.value) }
+    }
+
     func snapshot() -> EventLoopFuture<[TopicState]> {
         hubLoop.submit { [hub] in hub.value.snapshot() }
     }

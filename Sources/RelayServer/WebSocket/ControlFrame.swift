@@ -30,9 +30,17 @@ enum CloseCode: UInt16 {
 
 enum ControlFrame {
     /// Built by the hub's own function: in cluster mode the hub sends the same frame on a reset.
-    static func subscribed(topic: String, subscription: Subscription) -> ByteBuffer {
+    static func subscribed(topic: String, subscription: Subscription, pingInterval: String? = nil) -> ByteBuffer {
         WebSocketText.subscribedFrame(
-            topic: topic, epoch: subscription.epoch, seq: subscription.seq, recovered: subscription.recovered)
+            topic: topic, epoch: subscription.epoch, seq: subscription.seq, recovered: subscription.recovered,
+            pingInterval: pingInterval)
+    }
+
+    /// `--ping-interval` as a JSON number of seconds: `25`, `0.5`.
+    static func seconds(_ amount: TimeAmount) -> String {
+        let nanoseconds = amount.nanoseconds
+        if nanoseconds % 1_000_000_000 == 0 { return String(nanoseconds / 1_000_000_000) }
+        return String(Double(nanoseconds) / 1e9)
     }
 
     static func unsubscribed(topic: String, reason: String? = nil) -> ByteBuffer {

@@ -14,6 +14,8 @@ final class LoopSubscribers {
     private let eventLoop: any EventLoop
     private let pingInterval: TimeAmount
     private var connections: [UInt64: SubscriberHandler] = [:]
+    /// SSE connections (`GET /sse`), keyed by their serial with `SubscriberID.eventStreamBit`.
+    private var streams: [UInt64: SSESubscriberHandler] = [:]
     private var nextSerial: UInt64 = 0
     private var nextPing: NIODeadline
     private var timer: RepeatedTask?
@@ -32,12 +34,26 @@ final class LoopSubscribers {
         return SubscriberID(loop: loopIndex, serial: nextSerial)
     }
 
+    /// An SSE connection: its id carries the stream bits, so the hub builds its event forms.
+    func register(stream: SSESubscriberHandler, pattern: Bool) -> SubscriberID {
+        nextSerial += 1
+        let serial = nextSerial | SubscriberID.eventStreamBit | (pattern ? SubscriberID.patternStreamBit : 0)
+        streams[serial] = stream
+        if timer == nil { startTimer() }
+        return SubscriberID(loop: loopIndex, serial: serial)
+    }
+
     func remove(_ id: SubscriberID) {
-        connections[id.serial] = nil
+        if id.isEventStream {
+            streams[id.serial] = nil
+        } else {
+            connections[id.serial] = nil
+        }
     }
 
     /// Connections written to since the last flush, and the batches waiting for that flush.
     private var touched: [SubscriberHandler] = []
+    private var touchedStreams: [SSESubscriberHandler] = []
     private var waitingForFlush: [@Sendable () -> Void] = []
     private var flushScheduled = false
 
@@ -49,9 +65,9 @@ final class LoopSubscribers {
         plan.forEachRun { targets, range in
             switch targets {
             case .one(let id):
-                write(plan.frames, range, to: id)
+                write(plan, range, to: id)
             case .many(let ids):
-                for id in ids { write(plan.frames, range, to: id) }
+                for id in ids { write(plan, range, to: id) }
             }
         }
         waitingForFlush.append(done)
@@ -61,7 +77,9 @@ final class LoopSubscribers {
         eventLoop.execute { bound.value.flushTouched() }
     }
 
-    private func write(_ frames: [ByteBuffer], _ range: Range<Int>, to id: SubscriberID) {
+    private func write(_ plan: LoopPlan, _ range: Range<Int>, to id: SubscriberID) {
+        if id.isEventStream { return writeStream(plan, range, to: id) }
+        let frames = plan.frames
         guard let connection = connections[id.serial] else { return }
         connection.deliver(frames, range)
         if !connection.flushPending {
@@ -70,21 +88,37 @@ final class LoopSubscribers {
         }
     }
 
+    /// The SSE forms the hub built for this plan (a frame without one, such as a control frame
+    /// meant for WebSocket subscribers only, is skipped).
+    private func writeStream(_ plan: LoopPlan, _ range: Range<Int>, to id: SubscriberID) {
+        guard let stream = streams[id.serial], !plan.streamFrames.isEmpty else { return }
+        stream.deliver(plan.streamFrames, range, for: id)
+        if !stream.flushPending {
+            stream.flushPending = true
+            touchedStreams.append(stream)
+        }
+    }
+
     private func flushTouched() {
         flushScheduled = false
         let connections = touched
         touched = []
         for connection in connections { connection.flushDelivered() }
+        let streams = touchedStreams
+        touchedStreams = []
+        for stream in streams { stream.flushDelivered() }
         let waiting = waitingForFlush
         waitingForFlush = []
         for done in waiting { done() }
     }
 
     func subscribed(_ id: SubscriberID, to topic: String, _ subscription: Subscription) {
+        if id.isEventStream { return streams[id.serial]?.subscribed(to: topic, subscription) ?? () }
         connections[id.serial]?.subscribed(to: topic, subscription)
     }
 
     func unsubscribed(_ id: SubscriberID, from topic: String, reason: String?) {
+        if id.isEventStream { return streams[id.serial]?.unsubscribed(from: topic, reason: reason) ?? () }
         connections[id.serial]?.unsubscribed(from: topic, reason: reason)
     }
 
@@ -93,6 +127,9 @@ final class LoopSubscribers {
         let closed = connections.values.map { connection -> EventLoopFuture<Void> in
             connection.close(code)
             return connection.closeFuture ?? eventLoop.makeSucceededVoidFuture()
+        } + streams.values.map { stream -> EventLoopFuture<Void> in
+            stream.shutDown()
+            return stream.closeFuture ?? eventLoop.makeSucceededVoidFuture()
         }
         return EventLoopFuture.andAllComplete(closed, on: eventLoop)
     }
@@ -102,6 +139,10 @@ final class LoopSubscribers {
         let closed = connections.values.compactMap { connection -> EventLoopFuture<Void>? in
             guard let future = connection.closeFuture else { return nil }
             connection.closeNow()
+            return future
+        } + streams.values.compactMap { stream -> EventLoopFuture<Void>? in
+            guard let future = stream.closeFuture else { return nil }
+            stream.closeNow()
             return future
         }
         return EventLoopFuture.andAllComplete(closed, on: eventLoop)
@@ -122,6 +163,9 @@ final class LoopSubscribers {
         let deadAfter = TimeAmount.nanoseconds(pingInterval.nanoseconds * 2)
         for connection in Array(connections.values) {
             connection.tick(now: now, sendPing: ping, deadAfter: deadAfter)
+        }
+        for stream in Array(streams.values) {
+            stream.tick(now: now, sendPing: ping)
         }
     }
 

@@ -31,6 +31,8 @@ struct SubscriberEnvironment: Sendable {
     let maxOutboundBytes: Int
     let maxMessageBytes: Int
     let logger: Logger
+    /// `--ping-interval`, told to the client in its connection's first `subscribed` frame.
+    var pingInterval: TimeAmount = .seconds(25)
 }
 
 final class SubscriberHandler: ChannelInboundHandler {
@@ -47,6 +49,8 @@ final class SubscriberHandler: ChannelInboundHandler {
     private var principal: Principal?
     private var subscriptions = Set<String>()
     private var refreshing = false
+    /// Whether a `subscribed` frame has carried `ping_interval` on this connection (the first does).
+    private var toldPingInterval = false
     /// When the token's `exp` (plus leeway) passes, on the monotonic clock: a wall-clock step
     /// after the token was checked neither ends sessions early nor keeps them late.
     private var expiresAt: NIODeadline?
@@ -266,7 +270,11 @@ final class SubscriberHandler: ChannelInboundHandler {
                 ControlFrame.error(
                     .tooManySubscriptions, "the relay holds all the pattern subscriptions it may", topic: topic))
         }
-        write(ControlFrame.subscribed(topic: topic, subscription: subscription), flush: subscription.frames.isEmpty)
+        let pingInterval = toldPingInterval ? nil : ControlFrame.seconds(environment.pingInterval)
+        toldPingInterval = true
+        write(
+            ControlFrame.subscribed(topic: topic, subscription: subscription, pingInterval: pingInterval),
+            flush: subscription.frames.isEmpty)
         guard let last = subscription.frames.last else { return }
         // Replay may exceed the outbound bound: it is counted apart and released as it drains.
         let bytes = subscription.frames.reduce(0) { $0 + $1.readableBytes }

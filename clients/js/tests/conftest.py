@@ -120,8 +120,14 @@ class _PageHandler(SimpleHTTPRequestHandler):
         token = relay.token(sub=sub, topics=topics, exp_in=ttl)
         self.server.tokens_minted += 1
         body = token.encode()
+        content_type = "text/plain"
+        if query.get("shape", [""])[0] == "json":
+            # The token endpoint's documented answer: JSON with the token in `token`.
+            body = json.dumps({"topic": topics[0] if topics else None, "url": relay.url,
+                               "token": token}).encode()
+            content_type = "application/json"
         self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)

@@ -303,3 +303,64 @@ def test_dead_connection_is_detected_and_replaced(browser, page_server, relay_fa
     wait_js(browser, "window.harness.log.events.length === 3", 10)
     time.sleep(0.3)
     assert [e["event"]["seq"] for e in events_of(browser, "job:d")] == [1, 2, 3]
+
+
+def test_getToken_may_answer_the_token_endpoint_json(browser, page_server, relay_factory):
+    """getToken may give the token endpoint's JSON answer, `{"topic", "url", "token"}`, as
+    `response.json()` gives it: the client takes `token` (at connect and at refresh)."""
+    relay = relay_factory()
+    page_server.relay = relay
+    open_harness(browser, page_server)
+    browser.execute_script(
+        "return window.harness.start(arguments[0], {tokenQuery: 'shape=json&ttl=14&topics=job:j',"
+        " topics: ['job:j'], options: {refreshBefore: 10000}})", relay.url)
+    wait_js(browser, "window.harness.log.statuses.length === 1", 15, "the subscription")
+    relay.emit_lines([progress("job:j", 1, 2)])
+    wait_js(browser, "window.harness.log.events.length === 1", 10, "the first event")
+    log = harness_log(browser)
+    assert log["getTokenCalls"] == 1 and page_server.tokens_minted == 1
+    token = browser.execute_script("return window.harness.relay.token")
+    assert isinstance(token, str) and token.count(".") == 2, token
+    assert log["opened"][0]["protocols"] == ["progress-relay.v1", "bearer." + token], log["opened"]
+    # A 14 s token is refreshed 3.5 s before exp: again from the JSON answer, on the same connection.
+    wait_js(browser, "window.harness.log.tokens.some((t) => t.refreshed)", 20, "the refresh")
+    relay.emit_lines([progress("job:j", 2, 2)])
+    wait_js(browser, "window.harness.log.events.length === 2", 10, "the second event")
+    log = harness_log(browser)
+    assert log["getTokenCalls"] == 2, log["getTokenCalls"]
+    assert states(browser) == ["connecting", "open"], log["states"]
+    assert [e for e in log["errors"] if e["code"] == "token"] == [], log["errors"]
+
+
+def test_ping_interval_comes_from_the_relay(browser, page_server, relay_factory):
+    """Without pingInterval the client takes the relay's --ping-interval from the first
+    `subscribed` frame (`ping_interval`, seconds): with --ping-interval 1 a frozen relay is
+    noticed within seconds, not after the default's 50. A pingInterval the page sets is kept."""
+    relay = relay_factory("--ping-interval", "1")
+    open_harness(browser, page_server)
+    browser.execute_script(
+        "return window.harness.start(arguments[0], {token: arguments[1], topics: ['job:p'],"
+        " options: {connectTimeout: 1500, minDelay: 100, maxDelay: 1000}})",
+        relay.url, relay.token(topics=["job:*"]))
+    wait_js(browser, "window.harness.log.statuses.length === 1", 10)
+    assert browser.execute_script("return window.harness.relay.options.pingInterval") == 1000
+    time.sleep(2.5)   # idle but alive: no reconnect
+    assert states(browser) == ["connecting", "open"]
+    relay.send_signal(signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        wait_js(browser, "window.harness.state === 'connecting'", 8, "the dead connection to be noticed")
+        noticed = time.monotonic() - t0
+    finally:
+        relay.send_signal(signal.SIGCONT)
+    assert noticed <= 4.5, noticed
+    wait_js(browser, "window.harness.state === 'open'", 10, "a new connection")
+    browser.execute_script("window.harness.close(); return true")
+
+    # An explicit pingInterval wins over the relay's.
+    open_harness(browser, page_server)
+    browser.execute_script(
+        "return window.harness.start(arguments[0], {token: arguments[1], topics: ['job:q'],"
+        " options: {pingInterval: 7000}})", relay.url, relay.token(topics=["job:*"]))
+    wait_js(browser, "window.harness.log.statuses.length === 1", 10)
+    assert browser.execute_script("return window.harness.relay.options.pingInterval") == 7000

@@ -10,7 +10,7 @@ How it works, in short (the README says more):
 * The writer thread (a daemon, started on the first ``emit``) connects, takes a batch of lines,
   writes it with non-blocking ``send`` calls, and reads the relay's answers (rejected lines) as
   they come. When a write fails, the lines written in full count as sent; the unfinished line
-  and every line after it are written again on a new connection (contract, section 4).
+  and every line after it are written again on a new connection (docs/protocol.md, 3).
   Connecting retries with exponential backoff (50 ms doubling up to ``max_backoff``).
 * When the queue is full the oldest queued event is dropped and counted (``stats()["dropped"]``).
 * After ``os.fork()`` the child starts from an empty emitter: new locks, no queue, no
@@ -43,7 +43,7 @@ logger = logging.getLogger("progress_relay")
 DEFAULT_SOCKET_PATH = "/run/progress.sock"
 SOCKET_ENV = "PROGRESS_RELAY_SOCKET"
 
-# The relay's rules for an ingest line (contract, section 4), checked here so that a bad call is
+# The relay's rules for an ingest line (docs/protocol.md, 3), checked here so that a bad call is
 # reported where it is made, with its topic, rather than as a line number in a relay answer.
 _TOPIC_RE = re.compile(r"[A-Za-z0-9_\-.:/@=]{1,256}\Z")
 _MAX_TYPE_BYTES = 64
