@@ -78,6 +78,12 @@ final class HTTPListener: Sendable {
                 // IPPROTO_TCP level: `.socketOption(.tcp_nodelay)` is SOL_SOCKET option 1, SO_DEBUG,
                 // which needs CAP_NET_ADMIN and failed every connection of an unprivileged relay.
                 .channelOption(.tcpOption(.tcp_nodelay), value: 1)
+                // A fixed send buffer turns off the kernel's autotuning, which grows each socket's
+                // buffer up to tcp_wmem's maximum (4 MiB here): a subscriber that never reads would
+                // make the relay copy up to 4 MiB into the kernel for it, per subscriber, before
+                // --max-outbound-bytes (which counts shared frames) ever applies. The kernel doubles
+                // the value; 256 KiB still covers a 100 Mbit/s link at 20 ms.
+                .channelOption(.socketOption(.so_sndbuf), value: Self.sendBufferBytes)
                 .channelInitializer(configure)
                 .withConnectedSocket(connection)
             setUp.whenFailure { error in
@@ -86,6 +92,9 @@ final class HTTPListener: Sendable {
             return setUp.map { _ in }
         }
     }
+
+    /// `SO_SNDBUF` of every HTTP and WebSocket connection (see `start`).
+    static let sendBufferBytes = 128 * 1024
 
     func stopAccepting() {
         acceptor.stop()
