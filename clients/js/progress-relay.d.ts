@@ -148,6 +148,21 @@ export interface ProgressRelayOptions {
    * subprotocol `bearer.<JWT>` beside `progress-relay.v1`, out of the URL and so out of proxy
    * logs; `'query'` puts it in `?token=` (relays without the subprotocol). */
   tokenTransport?: 'protocol' | 'query';
+  /** `'auto'` (default): the WebSocket, and server-sent events (`GET /sse`, one EventSource per
+   * subscription) after 2 handshakes in a row failed, each while the host answered
+   * HTTP (a proxy that refuses upgrades); `'websocket'`: never SSE; `'sse'`: SSE only. */
+  transport?: TransportOption;
+  /** the relay's `GET /sse` URL; by default the WebSocket URL's last segment `ws` replaced by `sse`. */
+  sseUrl?: string | URL | null;
+}
+
+export type TransportOption = 'auto' | 'websocket' | 'sse';
+export type Transport = 'websocket' | 'sse';
+
+export interface TransportChange {
+  transport: Transport;
+  /** why `auto` switched to SSE */
+  reason?: string;
 }
 
 export interface SubscribeOptions {
@@ -159,6 +174,7 @@ export interface ProgressRelayEvents {
   subscription: SubscriptionStatus;
   error: RelayError;
   token: TokenChange;
+  transport: TransportChange;
 }
 
 /** The subprotocol the relay selects: `progress-relay.v1`. */
@@ -184,6 +200,8 @@ export declare class ProgressRelay {
   readonly url: URL;
   readonly state: ConnectionState;
   readonly token: string | null;
+  /** the transport in use: `'websocket'` (with `auto`, until it falls back) or `'sse'` */
+  readonly transport: Transport;
   /** topics and patterns subscribed */
   readonly topics: string[];
   /** Returns a function that unsubscribes this listener. */

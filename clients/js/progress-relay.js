@@ -16,6 +16,10 @@
 // the URL, which proxies write to their logs; `tokenTransport: 'query'` puts it in `?token=`
 // instead, for relays older than the subprotocol.
 //
+// `transport: 'auto'` (the default) falls back to server-sent events (GET /sse, one EventSource
+// per subscription) when WebSocket handshakes keep failing while the host answers HTTP (a proxy
+// that refuses upgrades); 'websocket' and 'sse' force one. The README says what each costs.
+//
 // The wire protocol is the relay's (README, "Delivery: WebSocket at GET /ws"); this file's
 // README (clients/js/README.md) says what the client guarantees.
 
@@ -52,7 +56,13 @@ const DEFAULTS = Object.freeze({
   refreshBefore: 30000,  // refresh at most this long before `exp` (and at 75 % of a short token's life), ms
   autoConnect: true,
   tokenTransport: 'protocol', // 'protocol': Sec-WebSocket-Protocol `bearer.<JWT>`; 'query': `?token=` in the URL
+  transport: 'auto',     // 'auto': WebSocket, SSE when WebSocket handshakes keep failing; 'websocket'; 'sse'
+  sseUrl: null,          // the relay's GET /sse URL; by default the WebSocket URL's `ws` segment replaced by `sse`
 });
+
+/** `transport: 'auto'`: this many WebSocket handshakes failing in a row, none ever opened, while the
+ * relay's host answers HTTP, switch the client to server-sent events. */
+const AUTO_FALLBACK_AFTER = 2;
 
 const OPEN = 1; // WebSocket.OPEN, without needing the global at import time
 const REFRESH_INTERVAL = 10000; // the relay's limit: one refresh per 10 s per connection
@@ -76,6 +86,20 @@ export class ProgressRelay {
     if (this.options.tokenTransport !== 'protocol' && this.options.tokenTransport !== 'query') {
       throw new TypeError("ProgressRelay: options.tokenTransport must be 'protocol' or 'query'");
     }
+    if (!['auto', 'websocket', 'sse'].includes(this.options.transport)) {
+      throw new TypeError("ProgressRelay: options.transport must be 'auto', 'websocket' or 'sse'");
+    }
+    this._sseURL = toSseURL(this.url, this.options.sseUrl);
+    /** 'websocket' or 'sse': the transport in use (auto starts with the WebSocket). */
+    this._transport = this.options.transport === 'sse' ? 'sse' : 'websocket';
+    this._announcedTransport = null;
+    this._wsFailures = 0; // WebSocket handshakes failed in a row while the host answered HTTP, none ever opened
+    this._wsFailureProbe = null; // auto: whether the host answered HTTP just after the last failed handshake
+    this._wsEverOpened = false;
+    /** SSE: the streams' shared state ({ token, opened }) while they run, else null */
+    this._sse = null;
+    /** @type {Map<string, {es: EventSource | null, opened: boolean}>} SSE: one stream per subscription */
+    this._streams = new Map();
     this._token = options.token || null;
     this._tokenAt = this._token ? Date.now() : 0;
     this._getToken = typeof options.getToken === 'function' ? options.getToken : null;
@@ -122,6 +146,12 @@ export class ProgressRelay {
   /** `connecting`, `open` or `closed` (`idle` before the first connect). */
   get state() {
     return this._state;
+  }
+
+  /** `'websocket'` or `'sse'`: the transport in use (with `transport: 'auto'`, `'websocket'` until
+   * it falls back). */
+  get transport() {
+    return this._transport;
   }
 
   /** The token in use (the newest one `getToken` gave). */
@@ -212,6 +242,19 @@ export class ProgressRelay {
   async _open() {
     const generation = ++this._generation;
     this._setState('connecting', { attempt: this._attempt });
+    if (this._wsFailureProbe) {
+      // A handshake failed: it counts towards the fallback only when the host answered plain HTTP
+      // right after it (a proxy that refuses upgrades); when nothing answered, the relay is just
+      // down (or starting), and the count starts again.
+      const probe = this._wsFailureProbe;
+      this._wsFailureProbe = null;
+      const reachable = await probe;
+      if (generation !== this._generation || this._stopped) return;
+      this._wsFailures = reachable ? this._wsFailures + 1 : 0;
+      if (this._transport === 'websocket' && this._wsFailures >= AUTO_FALLBACK_AFTER) {
+        this._useTransport('sse', 'the WebSocket handshake failed ' + this._wsFailures + ' times while the host answered HTTP');
+      }
+    }
     let token;
     try {
       token = await this._tokenForConnect();
@@ -222,6 +265,7 @@ export class ProgressRelay {
       return this._scheduleRetry({});
     }
     if (generation !== this._generation || this._stopped) return;
+    if (this._transport === 'sse') return this._openSse(token);
 
     const url = new URL(this.url.href);
     let protocols = null;
@@ -242,19 +286,25 @@ export class ProgressRelay {
     }
     this._ws = ws;
     this._authError = null;
+    let opened = false;
     this._setTimer('connect', this.options.connectTimeout, () => {
       if (this._ws === ws && ws.readyState !== OPEN) {
+        if (!opened) this._handshakeFailed();
         this._dropSocket();
         this._scheduleRetry({ reason: 'handshake timed out' });
       }
     });
     ws.onopen = () => {
       if (this._ws !== ws) return;
+      opened = true;
+      this._wsEverOpened = true;
+      this._wsFailures = 0;
       this._clearTimer('connect');
       this._lastHeard = Date.now();
       this._pingSentAt = 0;
       this._lastRefreshSent = 0;
       this._setState('open', { attempt: this._attempt });
+      this._announceTransport();
       this._unsubscribing.clear();
       // Topics first, with their resume points, then patterns: a pattern's snapshot then
       // finds the topics' events already delivered and adds nothing twice.
@@ -271,10 +321,148 @@ export class ProgressRelay {
     ws.onclose = (event) => {
       if (this._ws !== ws) return;
       this._ws = null;
+      if (!opened) this._handshakeFailed();
       this._stopConnectionTimers();
       this._onClose(event.code, event.reason);
     };
     ws.onerror = () => {}; // a close event follows, with the code
+  }
+
+  // ------------------------------------------------------------------------------------------
+  // server-sent events (GET /sse): one EventSource per subscription, each with its own
+  // credentials (a one-time ticket, or ?token= with tokenTransport 'query') and resume point
+  // (?epoch=&since=). The client reconnects them itself (it closes an EventSource on its first
+  // error), so that each new stream carries a fresh ticket and the client's own resume point.
+  // The streams of one "connection" live and die together: one failing reconnects them all.
+
+  /** `transport: 'auto'`, no WebSocket opened yet: asks at once whether the host answers HTTP
+   * (the next attempt reads the answer). */
+  _handshakeFailed() {
+    if (this.options.transport !== 'auto' || this._wsEverOpened || this._transport !== 'websocket') return;
+    this._wsFailureProbe = httpReachable(new URL('healthz', this._sseURL));
+  }
+
+  _useTransport(transport, reason) {
+    if (this._transport === transport) return;
+    this._transport = transport;
+    this._announceTransport(reason);
+  }
+
+  _announceTransport(reason) {
+    if (this._announcedTransport === this._transport) return;
+    this._announcedTransport = this._transport;
+    const value = { transport: this._transport };
+    if (reason) value.reason = reason;
+    this._emit('transport', value);
+  }
+
+  _openSse(token) {
+    const sse = { token, opened: false };
+    this._sse = sse;
+    this._authError = null;
+    if (this._subs.size === 0) return this._sseOpened(sse);
+    this._setTimer('connect', this.options.connectTimeout, () => {
+      if (this._sse === sse && !sse.opened) this._sseFailed(undefined, 'handshake timed out', false);
+    });
+    // Topics first, with their resume points, then patterns (as on the WebSocket).
+    for (const sub of this._subs.values()) if (!sub.pattern) this._sendSubscribe(sub);
+    for (const sub of this._subs.values()) if (sub.pattern) this._sendSubscribe(sub);
+  }
+
+  _sseOpened(sse) {
+    if (sse.opened) return;
+    sse.opened = true;
+    this._clearTimer('connect');
+    this._setState('open', { attempt: this._attempt });
+    this._announceTransport();
+    this._scheduleRefresh();
+  }
+
+  /** Opens the stream of `sub` (closing the one it had), from `message`'s resume point. */
+  async _openStream(sub, message) {
+    const sse = this._sse;
+    if (!sse) return;
+    this._closeStream(sub.key);
+    const entry = { es: null, opened: false };
+    this._streams.set(sub.key, entry);
+    const stale = () => this._sse !== sse || this._streams.get(sub.key) !== entry;
+    const url = new URL(this._sseURL.href);
+    url.searchParams.set('topic', sub.key);
+    if (message.epoch !== undefined) {
+      url.searchParams.set('epoch', message.epoch);
+      url.searchParams.set('since', String(message.since));
+    }
+    try {
+      // A ticket is bound to the Origin its POST carried, and an EventSource sends `Origin` only
+      // across origins: a page on the relay's own origin (the live page) puts the token in the URL.
+      if (this.options.tokenTransport === 'query' || sameOrigin(this._sseURL)) url.searchParams.set('token', sse.token);
+      else url.searchParams.set('ticket', await fetchTicket(new URL('ticket', this._sseURL), sse.token));
+    } catch (error) {
+      if (stale()) return;
+      if (error && error.status === 401) return this._sseFailed(CloseCode.UNAUTHORIZED, 'ticket refused: ' + describe(error), false);
+      return this._sseFailed(undefined, 'ticket: ' + describe(error), false);
+    }
+    if (stale()) return;
+    let es;
+    try {
+      es = new EventSource(url.href);
+    } catch (error) {
+      return this._fail({ code: 'bad_url', message: describe(error) });
+    }
+    entry.es = es;
+    es.onopen = () => {
+      if (stale()) return;
+      entry.opened = true;
+      this._sseOpened(sse);
+    };
+    es.onmessage = (message) => {
+      if (!stale() && typeof message.data === 'string') this._onFrame(message.data);
+    };
+    es.addEventListener('subscribed', (message) => {
+      if (!stale() && typeof message.data === 'string') this._onFrame(message.data);
+    });
+    es.addEventListener('error', (event) => {
+      if (stale()) return;
+      if (typeof event.data === 'string') {
+        // `event: error`: the relay's error frame (the token expired); it closes next.
+        this._onFrame(event.data);
+        let frame = null;
+        try {
+          frame = JSON.parse(event.data);
+        } catch (_) {
+          /* not JSON */
+        }
+        if (frame && frame.code === 'unauthorized') return this._sseFailed(CloseCode.UNAUTHORIZED, frame.message || 'unauthorized', false);
+        return;
+      }
+      // The stream ended or was refused (an EventSource cannot tell a 401 from a 403 or a lost
+      // connection): reconnect every stream, from the client's own resume points.
+      this._sseFailed(undefined, entry.opened ? 'stream ended' : 'stream refused or unreachable', !entry.opened);
+    });
+  }
+
+  _closeStream(key) {
+    const entry = this._streams.get(key);
+    if (!entry) return;
+    this._streams.delete(key);
+    if (entry.es) {
+      entry.es.onopen = entry.es.onmessage = null;
+      entry.es.close();
+    }
+  }
+
+  _dropStreams() {
+    this._sse = null;
+    for (const key of [...this._streams.keys()]) this._closeStream(key);
+  }
+
+  /** Every stream is dropped and the client reconnects (as after a WebSocket close with `code`).
+   * `refused`: a stream failed before it opened, most likely refused (401 after its token
+   * expired): with getToken, the reconnect asks for a fresh token. */
+  _sseFailed(code, reason, refused) {
+    this._dropSocket();
+    if (refused && this._getToken) this._needFreshToken = true;
+    this._onClose(code, reason);
   }
 
   /** The token to connect with: a fresh one after 4401, or when the current one has expired. */
@@ -339,6 +527,7 @@ export class ProgressRelay {
 
   /** Forgets the socket at once (its late events are ignored) and closes it. */
   _dropSocket(code = CloseCode.NORMAL, reason = '') {
+    this._dropStreams();
     const ws = this._ws;
     this._ws = null;
     this._generation += 1;
@@ -359,6 +548,7 @@ export class ProgressRelay {
   }
 
   _isOpen() {
+    if (this._transport === 'sse') return !!this._sse && !this._stopped;
     return !!this._ws && this._ws.readyState === OPEN && this._state === 'open';
   }
 
@@ -375,7 +565,7 @@ export class ProgressRelay {
 
   _startHeartbeat() {
     const interval = this.options.pingInterval;
-    if (!(interval > 0)) return;
+    if (!(interval > 0) || this._transport === 'sse') return; // SSE: the relay's `: ping` lines are not visible to pages
     const tick = () => {
       if (!this._isOpen()) return;
       const now = Date.now();
@@ -451,7 +641,19 @@ export class ProgressRelay {
     }
     if (this._stopped) return;
     this._adoptToken(token);
-    if (generation === this._generation && this._isOpen()) this._sendRefresh(generation);
+    if (generation !== this._generation || !this._isOpen()) return;
+    if (this._transport === 'sse') return this._refreshStreams();
+    this._sendRefresh(generation);
+  }
+
+  /** SSE has no refresh: each stream is opened again with the new token, from its resume point. */
+  _refreshStreams() {
+    this._sse.token = this._token;
+    for (const sub of this._subs.values()) if (!sub.pattern) this._sendSubscribe(sub);
+    for (const sub of this._subs.values()) if (sub.pattern) this._sendSubscribe(sub);
+    const claims = decodeJwtPayload(this._token);
+    this._emit('token', { token: this._token, exp: claims && typeof claims.exp === 'number' ? claims.exp : null, refreshed: true });
+    this._scheduleRefresh();
   }
 
   /** The relay takes at most one refresh per 10 s per connection: a refresh that would come
@@ -517,7 +719,8 @@ export class ProgressRelay {
         sub.resumed = true;
       }
     }
-    this._send(message);
+    if (this._transport === 'sse') this._openStream(sub, message);
+    else this._send(message);
   }
 
   _onSubscribed(frame) {
@@ -681,6 +884,7 @@ export class ProgressRelay {
   _endSub(sub) {
     if (this._subs.get(sub.key) !== sub) return;
     this._subs.delete(sub.key);
+    this._closeStream(sub.key);
     sub.listeners.clear();
     if (!sub.pattern) {
       const record = this._topics.get(sub.key);
@@ -783,6 +987,50 @@ function toWebSocketURL(url) {
   }
   parsed.searchParams.delete('token');
   return parsed;
+}
+
+/** The relay's GET /sse URL: `sseUrl`, else the WebSocket URL's last segment (`ws`) replaced by `sse`. */
+function toSseURL(wsURL, sseUrl) {
+  const base = typeof location !== 'undefined' && location.href ? location.href : undefined;
+  if (sseUrl) {
+    const parsed = new URL(String(sseUrl), base);
+    if (parsed.protocol !== 'http:' && parsed.protocol !== 'https:') throw new TypeError('ProgressRelay: sseUrl must be http: or https:');
+    parsed.search = '';
+    return parsed;
+  }
+  const http = new URL(wsURL.href);
+  http.protocol = http.protocol === 'wss:' ? 'https:' : 'http:';
+  http.search = '';
+  http.hash = '';
+  return new URL('sse', http);
+}
+
+/** Whether `url` is on the page's own origin. */
+function sameOrigin(url) {
+  return typeof location !== 'undefined' && typeof location.origin === 'string' && url.origin === location.origin;
+}
+
+/** Whether the host answers HTTP at all (any status): a network failure is false. */
+async function httpReachable(url) {
+  try {
+    await fetch(url.href, { mode: 'no-cors', cache: 'no-store' });
+    return true;
+  } catch (_) {
+    return false;
+  }
+}
+
+/** A one-time ticket for `token` (POST /ticket), so that the token stays out of the URL. */
+async function fetchTicket(url, token) {
+  const response = await fetch(url.href, { method: 'POST', headers: { Authorization: 'Bearer ' + token }, cache: 'no-store' });
+  if (!response.ok) {
+    const error = new Error('POST ' + url.pathname + ' answered ' + response.status);
+    error.status = response.status;
+    throw error;
+  }
+  const body = await response.json();
+  if (!body || typeof body.ticket !== 'string') throw new Error('POST ' + url.pathname + ' gave no ticket');
+  return body.ticket;
 }
 
 /** getToken's answer: a token, or an object with `token` (the JSON a token endpoint answers,

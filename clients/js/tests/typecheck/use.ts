@@ -22,3 +22,10 @@ const proto: 'progress-relay.v1' = SUBPROTOCOL;
 console.log(viaQuery.state, proto);
 // @ts-expect-error an unknown transport
 new ProgressRelay('/ws', { token: 'x', tokenTransport: 'header' });
+// issue 16: WebSocket or server-sent events
+const viaSse = new ProgressRelay('/ws', { token: 'x', transport: 'sse', sseUrl: '/relay/sse' });
+const t: 'websocket' | 'sse' = viaSse.transport;
+viaSse.on('transport', (change) => { const used: 'websocket' | 'sse' = change.transport; console.log(used, change.reason, t); });
+new ProgressRelay('/ws', { token: 'x', transport: 'auto' });
+// @ts-expect-error an unknown transport
+new ProgressRelay('/ws', { token: 'x', transport: 'long-poll' });
