@@ -77,3 +77,18 @@ class Nginx:
     @staticmethod
     def read_logs(*paths: Path) -> dict[str, str]:
         return {p.name: p.read_text(errors="replace") if p.exists() else "" for p in paths}
+
+
+class Through:
+    """A relay as seen through the proxy: ws_connect's URL is the proxy's."""
+
+    def __init__(self, relay, port: int):
+        self.relay = relay
+        self.port = port
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    def token(self, **kw) -> str:
+        return self.relay.token(**kw)

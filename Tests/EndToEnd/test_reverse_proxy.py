@@ -56,21 +56,6 @@ class ExampleNginx(nginxlib.Nginx):
         return self.read_logs(self.access_log, self.error_log)
 
 
-class Through:
-    """A relay as seen through the proxy: ws_connect's URL is the proxy's."""
-
-    def __init__(self, relay, port: int):
-        self.relay = relay
-        self.port = port
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    def token(self, **kw) -> str:
-        return self.relay.token(**kw)
-
-
 def get(port: int, path: str, headers: dict | None = None, *, source: str | None = None,
         timeout: float = 10) -> tuple[int, dict, bytes, float]:
     """One GET to 127.0.0.1:port (from `source`, a loopback address, if given):
@@ -153,7 +138,7 @@ async def test_websocket_and_healthz_through_nginx(proxied):
     status, _, body, _ = get(nginx.port, "/healthz")
     assert status == 200 and body.strip() == b"ok", (status, body)
     # subprotocol token, as browsers send it
-    ws = await ws_connect(Through(relay, nginx.port), token=relay.token(topics=["job:*"]),
+    ws = await ws_connect(nginxlib.Through(relay, nginx.port), token=relay.token(topics=["job:*"]),
                           via="subprotocol", topics=["job:1"])
     assert ws.subprotocol == "progress-relay.v1"
     frame = await recv_json(ws)
@@ -177,7 +162,7 @@ async def test_query_token_stays_out_of_the_access_log(proxied):
     has the paths but neither the token nor any query."""
     relay, nginx = proxied()
     ws_token = relay.token(sub="ws-user", topics=["job:*"])
-    ws = await ws_connect(Through(relay, nginx.port), token=ws_token, topics=["job:q"])
+    ws = await ws_connect(nginxlib.Through(relay, nginx.port), token=ws_token, topics=["job:q"])
     frame = await recv_json(ws)
     assert frame["op"] == "subscribed", frame
     relay.emit_lines([{"topic": "job:q", "type": "progress", "progress": 50}])
@@ -343,7 +328,7 @@ async def test_caddy_websocket_round_trip_and_no_query_in_its_log(relay_factory)
             except OSError:
                 return False
         wait_until(up, 20, interval=0.1, what="caddy answers")
-        through = Through(relay, port)
+        through = nginxlib.Through(relay, port)
         sub_token = relay.token(sub="caddy-sub", topics=["job:*"])
         query_token = relay.token(sub="caddy-query", topics=["job:*"])
         ws = await ws_connect(through, token=sub_token, via="subprotocol", topics=["job:c"])

@@ -372,21 +372,6 @@ class Nginx(nginxlib.Nginx):
         return self.read_logs(self.access_log, self.combined_log, self.error_log)
 
 
-class Through:
-    """A relay as seen through the proxy: ws_connect's URL is the proxy's."""
-
-    def __init__(self, relay, port: int):
-        self.relay = relay
-        self.port = port
-
-    @property
-    def url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
-
-    def token(self, **kw) -> str:
-        return self.relay.token(**kw)
-
-
 def secrets_of(token: str) -> list[str]:
     """The token, and its payload part (what a log that cut the token short could still hold)."""
     return [token, token.split(".")[1]]
@@ -411,7 +396,7 @@ async def test_nginx_in_front_no_token_in_the_logs(relay_factory):
     marks: dict[str, dict[str, int]] = {}
     try:
         nginx.start()
-        proxied = Through(relay, nginx.port)
+        proxied = nginxlib.Through(relay, nginx.port)
         n = 100
         for way in WAYS:
             for i in range(n):
