@@ -111,6 +111,18 @@ let package = Package(
         .testTarget(name: "RelayAuthTests", dependencies: ["RelayAuth"]),
         .testTarget(name: "ProgressEmitterTests", dependencies: ["ProgressEmitter"]),
         .testTarget(name: "RelayWatchTests", dependencies: ["RelayWatch"]),
+        // The transport layer in memory: handlers in an EmbeddedChannel, parsers, flag tables.
+        .testTarget(
+            name: "RelayServerTests",
+            dependencies: [
+                "RelayServer",
+                "RelayHub",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "NIOEmbedded", package: "swift-nio"),
+                .product(name: "NIOHTTP1", package: "swift-nio"),
+                .product(name: "NIOWebSocket", package: "swift-nio"),
+            ]
+        ),
         // Test support: a redis-server of a test's own, for the tests that talk to Redis.
         .target(name: "RedisTestSupport", path: "Tests/RedisTestSupport"),
         .testTarget(name: "RESPTests", dependencies: ["RESP", "RedisTestSupport"]),
