@@ -2,16 +2,17 @@
 
 The shell blocks of that section are read from README.md when the test runs, so a change to the
 README changes the test. They run, in order, in one bash, as a new user types them; the
-long-running ones (the serve of step 1, the `watch` of step 3, the subscriber of step 5) run in
-the background, with their output in files and their standard input a pipe the script writes to
-(closing it is a person's Ctrl-D). Every command must exit 0 (`watch` too, which ends by itself at
+long-running ones (the serve of step 1, the `watch` of step 3, the `curl -N` of step 5) run in
+the background, with their output in files (`watch`'s standard input a pipe the script writes
+to, as a terminal's would be; `curl` is ended with SIGTERM, a person's Ctrl-C, once it printed
+what step 5 promises). Every other command must exit 0 (`watch` too, which ends by itself at
 `complete`), and every frame the section quotes is checked against what the subscribers printed.
 
 One departure: step 1's `swift build -c release` (minutes, and it needs a writable checkout) is
 replaced by a working directory whose `.build/release/progress-relay` is the binary under test
 ($PROGRESS_RELAY_BIN, else .build/debug/progress-relay). Every other command runs as written.
-The README's epoch (`k3x9qa2m-1`) is an example, as the README says: step 5 sends the README's
-frame with the epoch the relay announced in step 3.
+The README's epoch (`k3x9qa2m-1`) is an example, as the README says: step 5 runs the README's
+`curl` with the epoch the relay announced in step 3 in its place.
 
 Isolation. The walk-through uses fixed names (/tmp/relay-secret, /tmp/progress.sock and the
 default 127.0.0.1:8765), so it runs in its own mount, network and pid namespaces: a private tmpfs
@@ -23,9 +24,9 @@ behind: when the walk-through's shell ends, the kernel ends every process it sta
 - as any other user: an unprivileged user namespace (`unshare -r -m -n`) sets that up, and the
   commands run as that same user, without capabilities, in a nested user namespace. When user
   namespaces are not available, the test is skipped and says why.
-The repository's .venv/bin comes first on PATH, so `python3 -m websockets` finds the package of
-Tests/EndToEnd/requirements.txt. KEEP_WALK=1 keeps the script and its output
-(/var/tmp/readme-walk-*).
+Nothing beyond the binary, bash, coreutils and Debian's `curl` and `socat` is on the walk-through's
+PATH: a new user has installed nothing else (the readiness check uses `curl` too). KEEP_WALK=1
+keeps the script and its output (/var/tmp/readme-walk-*).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import urllib.parse
 from pathlib import Path
 
 import pytest
@@ -48,7 +50,6 @@ from relaylib import require_bin
 
 REPO = Path(__file__).resolve().parent.parent.parent
 README = REPO / "README.md"
-VENV_BIN = REPO / ".venv" / "bin"
 SECTION = "A five-minute walk-through"
 BUILD_LINE = "swift build -c release"   # step 1: the one line this test does not run
 RELEASE_BIN = ".build/release/progress-relay"
@@ -96,6 +97,11 @@ def quoted_json(text: str) -> list[str]:
     return re.findall(r"`(\{[^`]*\})`", text)
 
 
+def quoted_sse_data(text: str) -> list[str]:
+    """Every `data: {...}` (a server-sent event's data line) quoted in backticks, its JSON."""
+    return re.findall(r"`data: (\{[^`]*\})`", text)
+
+
 class Walkthrough:
     """What the section says: its commands by step, and the frames it quotes."""
 
@@ -140,14 +146,21 @@ class Walkthrough:
         assert len(self.events) == 2, (
             f"step 4 should quote the two events the subscriber receives: {self.events}")
 
-        # step 5: the subscriber again (long-running), and the frame to type into it
+        # step 5: `curl -N` on /sse from step 3's epoch and a seq (long-running), and what it prints
         (self.reconnect,) = commands(self.blocks[5][0])
-        assert self.reconnect.startswith("python3 -m websockets "), self.reconnect
-        (self.resume,) = [f for f in quoted_json(st[5]) if '"op":"subscribe"' in f]
+        assert self.reconnect.startswith("curl -N "), self.reconnect
         self.example_epoch = json.loads(self.subscribed)["epoch"]
-        assert json.loads(self.resume).get("epoch") == self.example_epoch, (
-            "step 5 should resume the epoch step 3 shows", self.resume, self.subscribed)
-        self.resume_since = json.loads(self.resume)["since"]
+        m = re.search(r'"(http://[^"]*/sse\?[^"]*)"', self.reconnect)
+        assert m, f"step 5's curl should ask for a double-quoted /sse URL: {self.reconnect!r}"
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(m.group(1)).query)
+        assert query.get("epoch") == [self.example_epoch], (
+            "step 5 should resume the epoch step 3 shows", self.reconnect, self.subscribed)
+        self.resume_since = int(query["since"][0])
+        self.resume_data = quoted_sse_data(st[5])
+        assert len(self.resume_data) == 2 and '"op":"subscribed"' in self.resume_data[0], (
+            f"step 5 should quote the `data:` of its subscribed event and of the replayed event: "
+            f"{self.resume_data}")
+        self.resume_ids = re.findall(r"`id: ([^`]*)`", st[5])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,8 +175,11 @@ def build_script(w: Walkthrough, out: Path, checkout: Path) -> str:
     does with their eyes (the relay is up, the subscriber printed a frame). Every README command
     that runs in the foreground records its exit status in $OUT/status and stops the walk-through
     when it fails; long-running ones run in the background with their output in $OUT."""
-    prefix, found, suffix = w.resume.partition(f'"{w.example_epoch}"')
-    assert found, (w.resume, w.example_epoch)
+    # the README's curl with the relay's epoch in place of the example's (inside its "...": $EPOCH
+    # expands there)
+    prefix, found, suffix = w.reconnect.partition(w.example_epoch)
+    assert found, (w.reconnect, w.example_epoch)
+    reconnect = prefix + "$EPOCH" + suffix
     health = f"http://{w.host}:{w.port}/healthz"
     lines = [
         "#!/bin/bash",
@@ -180,14 +196,11 @@ def build_script(w: Walkthrough, out: Path, checkout: Path) -> str:
         "alive() { kill -0 \"$1\" 2>/dev/null || fail \"$2 exited early\"; }",
         # the number of lines of FILE that contain STRING is at least N
         "has() { [ \"$(grep -cF -- \"$2\" \"$1\")\" -ge \"$3\" ]; }",
-        f"healthy() {{ alive \"$RELAY\" 'serve'; [ -S {_q(w.socket_path)} ] && python3 -c "
-        f"'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=1)' "
-        f"{_q(health)}; }}",
+        f"healthy() {{ alive \"$RELAY\" 'serve'; [ -S {_q(w.socket_path)} ] && curl -sf -o /dev/null "
+        f"--max-time 1 {_q(health)}; }}",
         "frames() { alive \"$1\" \"the subscriber ($2)\"; has \"$2\" \"$3\" \"$4\"; }",
         "",
         "id >\"$OUT/id\"; grep '^Cap' /proc/self/status >>\"$OUT/id\"",
-        "python3 -c 'import websockets' 2>>\"$OUT/notes\" || fail \"python3 -m websockets: the "
-        "package is not importable as this user (PATH=$PATH)\"",
         f"cd {_q(checkout)}",
         f"[ -x {RELEASE_BIN} ] || fail 'the binary under test is not executable as this user'",
         "",
@@ -226,23 +239,17 @@ def build_script(w: Walkthrough, out: Path, checkout: Path) -> str:
         "wait_for 10 'the two events at the subscriber' frames $SUB1 \"$OUT/sub1.out\" "
         "'{\"seq\":' 2",
         "",
-        "# ---- 5. Resume: the subscriber ends (^D), a new one, then the README's frame",
+        "# ---- 5. Resume: watch ended by itself at `complete`; curl from its epoch, then Ctrl-C",
         "exec 7>&-",
         "wait $SUB1; echo $? >\"$OUT/sub1.rc\"   # watch ended at `complete`, by itself",
         "EPOCH=$(grep -o '\"epoch\":\"[^\"]*\"' \"$OUT/sub1.out\" | head -1 | cut -d'\"' -f4)",
         "[ -n \"$EPOCH\" ] || fail 'no epoch in the subscribed frame of step 3'",
-        'mkfifo "$OUT/sub2.in"',
-        f'{w.reconnect} <"$OUT/sub2.in" >"$OUT/sub2.out" 2>&1 &',
+        f'{reconnect} >"$OUT/sub2.out" 2>"$OUT/sub2.err" &',
         "SUB2=$!",
-        'exec 8>"$OUT/sub2.in"',
-        "wait_for 10 'the second connection' frames $SUB2 \"$OUT/sub2.out\" 'Connected to' 1",
-        f"printf '%s\\n' {_q(prefix)}\"\\\"$EPOCH\\\"\"{_q(suffix)} >&8",
-        f"printf '%s\\n' {_q(prefix)}\"\\\"$EPOCH\\\"\"{_q(suffix)} >\"$OUT/sub2.sent\"",
-        "wait_for 10 'the resumed events' frames $SUB2 \"$OUT/sub2.out\" '{\"seq\":' "
+        "wait_for 10 'the resumed events' frames $SUB2 \"$OUT/sub2.out\" 'data: {\"seq\":' "
         f"{sum(json.loads(e)['seq'] > w.resume_since for e in w.events)}",
         "sleep 0.3   # and anything that would come after them",
-        "exec 8>&-",
-        "wait $SUB2; echo $? >\"$OUT/sub2.rc\"",
+        "kill -TERM $SUB2; wait $SUB2; echo $? >\"$OUT/sub2.rc\"   # Ctrl-C",
         "",
         "# ---- the end: SIGTERM, as ^C in the relay's terminal would stop it",
         "kill -TERM $RELAY; wait $RELAY; echo $? >\"$OUT/serve.rc\"",
@@ -311,10 +318,19 @@ def sandbox(inner: list[str]) -> tuple[list[str], str, int | None]:
 _ESCAPES = re.compile(r"\x1b(?:\[[0-9;]*[A-Za-z]|[78])|\r")
 
 
-def printed_frames(path: Path) -> list[str]:
-    """The text frames `python3 -m websockets` printed (`< {...}`), as received."""
-    text = _ESCAPES.sub("", path.read_text(errors="replace"))
-    return [m.group(1) for m in re.finditer(r"< (\{.*\})[ \t]*$", text, re.M)]
+def sse_events(path: Path) -> list[dict[str, str]]:
+    """The server-sent events `curl -N` printed: each event's fields (`event`, `id`, `data`),
+    blank-line separated; `retry:` and `: ping` alone make no event."""
+    events, cur = [], {}
+    for line in path.read_text(errors="replace").split("\n"):
+        if line == "":
+            if "data" in cur:
+                events.append(cur)
+            cur = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            cur[name] = value[1:] if value.startswith(" ") else value
+    return events
 
 
 def watched_frames(path: Path) -> list[str]:
@@ -340,9 +356,8 @@ def same_frame(readme: str, got: str, epoch: str) -> None:
 def test_readme_walkthrough_word_for_word_as_an_unprivileged_user():
     binary = os.path.abspath(require_bin())
     w = Walkthrough(README.read_text())
-    assert (VENV_BIN / "python3").exists(), (
-        f"{VENV_BIN} is missing: python3 -m venv .venv && "
-        ".venv/bin/pip install -r Tests/EndToEnd/requirements.txt")
+    for tool in ("curl", "socat"):
+        assert shutil.which(tool), f"the walk-through uses `{tool}`: apt-get install {tool}"
 
     # Not below /tmp: the walk-through gets a /tmp of its own, and this must stay visible.
     work = Path(tempfile.mkdtemp(prefix="readme-walk-", dir="/var/tmp"))
@@ -360,21 +375,9 @@ def test_readme_walkthrough_word_for_word_as_an_unprivileged_user():
         script.chmod(0o644)
 
         env = {
-            "PATH": f"{VENV_BIN}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "HOME": str(home), "LANG": "C.UTF-8", "SHELL": "/bin/bash",
         }
-        venv_python = os.path.realpath(VENV_BIN / "python3")
-        if (relaylib._within_a_temporary_directory(Path(venv_python))
-                or relaylib._within_a_temporary_directory(VENV_BIN)
-                or (os.geteuid() == 0 and relaylib._unreachable_reason(venv_python, execute=True))):
-            # A .venv the walk-through cannot run: under the /tmp it does not see (a checkout in
-            # /tmp), or closed to its user (under /root, or made from pyenv's interpreter there).
-            # The system's python3 with a copy of the websockets package stands in for it.
-            import websockets as _ws
-            site = work / "site"
-            shutil.copytree(Path(_ws.__file__).parent, site / "websockets")
-            env["PYTHONPATH"] = str(site)
-            env["PATH"] = env["PATH"].replace(f"{VENV_BIN}:", "")
         inner = ["env", "-i", *(f"{k}={v}" for k, v in env.items()),
                  "/bin/bash", "--noprofile", "--norc", str(script)]
         cmd, who, owner = sandbox(inner)
@@ -436,23 +439,28 @@ def test_readme_walkthrough_word_for_word_as_an_unprivileged_user():
         # 3. "It ends by itself, with exit status 0, once the topic sends `complete`"
         assert read("sub1.rc").strip() == "0", report
 
-        # 5. the README's frame, with our epoch: a subscribed frame with recovered:true, then
-        # every event after `since`, exactly as step 4 quotes them; nothing else
-        second = printed_frames(out / "sub2.out")
-        sent = read("sub2.sent").strip()
-        assert sent == w.resume.replace(w.example_epoch, epoch), (sent, report)
+        # 5. the README's curl, with our epoch: an `event: subscribed` with recovered:true, then
+        # every event after `since`, exactly as step 4 quotes them, with the ids step 5 quotes;
+        # nothing else
+        sent = f"epoch {epoch}, since {w.resume_since}"
+        second = sse_events(out / "sub2.out")
         replay = [f for f in w.events if json.loads(f)["seq"] > w.resume_since]
         assert len(second) == 1 + len(replay), (
-            f"after {sent} the README promises a subscribed frame and {replay}; the relay sent "
+            f"after {sent} the README promises a subscribed event and {replay}; the relay sent "
             f"{second}\n{report}")
-        ack = json.loads(second[0])
+        assert second[0].get("event") == "subscribed" and "id" not in second[0], (second[0], report)
+        ack = json.loads(second[0]["data"])
         want = {**json.loads(w.subscribed), "epoch": epoch, "recovered": True,
                 "seq": json.loads(w.events[-1])["seq"]}
         assert (list(ack), ack) == (list(want), want), (
             f"after {sent}: {second[0]}, not {json.dumps(want)}\n{report}")
-        assert second[1:] == replay, (
+        same_frame(w.resume_data[0], second[0]["data"], epoch)
+        assert [e["data"] for e in second[1:]] == replay == w.resume_data[1:], (
             f"after {sent} the README promises every event after seq {w.resume_since}: "
-            f"{replay}; the relay sent {second[1:]}\n{report}")
+            f"{replay} (and quotes {w.resume_data[1:]}); the relay sent {second[1:]}\n{report}")
+        assert [e.get("id") for e in second[1:]] == [
+            i.replace(w.example_epoch, epoch) for i in w.resume_ids], (w.resume_ids, second, report)
+        assert all("event" not in e for e in second[1:]), (second, report)
 
         # 1. "a secret of your own, readable by you only"
         mode = read("secret.mode").strip()

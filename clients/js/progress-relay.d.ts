@@ -89,7 +89,8 @@ export interface StateChange {
   attempt?: number;
   /** ms until the next attempt (while waiting to reconnect) */
   delay?: number;
-  /** close code of the connection that ended (1006 when none was received) */
+  /** close code of the connection that ended (1006 when none was received); on SSE, 4401 when
+   * the relay refused the token (HTTP 401) */
   code?: number;
   reason?: string;
   /** the client stopped for good (4403, protocol errors, a refused token without getToken) */
@@ -98,8 +99,8 @@ export interface StateChange {
 
 export interface RelayError {
   /** relay error codes (`unauthorized`, `forbidden`, `bad_request`, `unknown_op`,
-   * `too_many_subscriptions`) or the client's own: `token` (getToken failed), `protocol`,
-   * `bad_url` */
+   * `too_many_subscriptions`; on SSE, those of the JSON body of a refused stream) or the
+   * client's own: `token` (getToken failed), `protocol`, `bad_url` */
   code: string;
   message?: string;
   topic?: string;

@@ -362,7 +362,7 @@ export class ProgressRelay {
     this._authError = null;
     if (this._subs.size === 0) return this._sseOpened(sse);
     this._setTimer('connect', this.options.connectTimeout, () => {
-      if (this._sse === sse && !sse.opened) this._sseFailed(undefined, 'handshake timed out', false);
+      if (this._sse === sse && !sse.opened) this._sseFailed(undefined, 'handshake timed out');
     });
     // Topics first, with their resume points, then patterns (as on the WebSocket).
     for (const sub of this._subs.values()) if (!sub.pattern) this._sendSubscribe(sub);
@@ -399,8 +399,8 @@ export class ProgressRelay {
       else url.searchParams.set('ticket', await fetchTicket(new URL('ticket', this._sseURL), sse.token));
     } catch (error) {
       if (stale()) return;
-      if (error && error.status === 401) return this._sseFailed(CloseCode.UNAUTHORIZED, 'ticket refused: ' + describe(error), false);
-      return this._sseFailed(undefined, 'ticket: ' + describe(error), false);
+      if (error && error.status === 401) return this._sseUnauthorized(error.relayMessage || describe(error));
+      return this._sseFailed(undefined, 'ticket: ' + describe(error));
     }
     if (stale()) return;
     let es;
@@ -422,7 +422,7 @@ export class ProgressRelay {
       if (!stale() && typeof message.data === 'string') this._onFrame(message.data);
     });
     es.addEventListener('error', (event) => {
-      if (stale()) return;
+      if (stale() || entry.es !== es) return;
       if (typeof event.data === 'string') {
         // `event: error`: the relay's error frame (the token expired); it closes next.
         this._onFrame(event.data);
@@ -432,13 +432,84 @@ export class ProgressRelay {
         } catch (_) {
           /* not JSON */
         }
-        if (frame && frame.code === 'unauthorized') return this._sseFailed(CloseCode.UNAUTHORIZED, frame.message || 'unauthorized', false);
+        if (frame && frame.code === 'unauthorized') return this._sseFailed(CloseCode.UNAUTHORIZED, frame.message || 'unauthorized');
         return;
       }
-      // The stream ended or was refused (an EventSource cannot tell a 401 from a 403 or a lost
-      // connection): reconnect every stream, from the client's own resume points.
-      this._sseFailed(undefined, entry.opened ? 'stream ended' : 'stream refused or unreachable', !entry.opened);
+      // The stream ended (a relay restart, a lost connection): reconnect every stream, from the
+      // client's own resume points.
+      if (entry.opened) return this._sseFailed(undefined, 'stream ended');
+      // It failed before it opened: refused, or the relay unreachable. An EventSource cannot
+      // read the status, so the client asks again with fetch, which can; meanwhile the
+      // EventSource is closed, so that the browser does not retry it on its own.
+      es.onopen = es.onmessage = null;
+      es.close();
+      entry.es = null;
+      this._whyRefused(url, sse.token).then((refusal) => {
+        if (!stale()) this._streamRefused(sub, sse, refusal);
+      });
     });
+  }
+
+  /**
+   * Asks the relay for the stream at `streamURL` again, with fetch: `{status, code, message}`
+   * (`code` and `message` from the relay's JSON body, when it has one), or null when nothing
+   * answered in time. A stream that opens this time is aborted at once (its headers are all it
+   * takes). A ticket was used by the stream that failed: the question goes with a new one,
+   * whose POST answers 401 itself when the token is refused. (The token in `Authorization`
+   * instead would need a CORS preflight, which `/sse` does not answer, and in the URL it would
+   * defeat the ticket.)
+   */
+  async _whyRefused(streamURL, token) {
+    const url = new URL(streamURL.href);
+    const controller = typeof AbortController === 'function' ? new AbortController() : null;
+    const signal = controller ? controller.signal : undefined;
+    const timer = setTimeout(() => controller && controller.abort(), this.options.connectTimeout);
+    try {
+      if (url.searchParams.has('ticket')) {
+        try {
+          url.searchParams.set('ticket', await fetchTicket(new URL('ticket', this._sseURL), token, signal));
+        } catch (error) {
+          if (error && error.status === 401) return { status: 401, code: 'unauthorized', message: error.relayMessage || describe(error) };
+          return null;
+        }
+      }
+      // `Accept` is a header a simple cross-origin GET may carry: no preflight.
+      const response = await fetch(url.href, { headers: { Accept: 'text/event-stream' }, cache: 'no-store', signal });
+      if (response.ok) return { status: response.status, code: null, message: null };
+      const body = await relayErrorBody(response);
+      return { status: response.status, code: body.code, message: body.message };
+    } catch (_) {
+      return null; // nothing answered (or not in time), or a proxy's answer without CORS headers
+    } finally {
+      clearTimeout(timer);
+      if (controller) controller.abort();
+    }
+  }
+
+  /** What a stream refused before it opened becomes: the WebSocket's equivalents. */
+  _streamRefused(sub, sse, refusal) {
+    const status = refusal ? refusal.status : 0;
+    if (status === 401) return this._sseUnauthorized(refusal.message || 'token refused');
+    if (status === 403 || (status === 400 && refusal.code)) {
+      // As the relay's error frame for a subscribe it refuses (`forbidden`,
+      // `too_many_subscriptions`, `bad_request`): that subscription ends, the others go on.
+      this._onError({ code: refusal.code || (status === 403 ? 'forbidden' : 'bad_request'), message: refusal.message || 'HTTP ' + status, topic: sub.key });
+      // The "connection" is open once no stream is pending (on a WebSocket it opened before the
+      // refusal): with none left, it is open with no subscription, as a WebSocket would be.
+      if (this._sse === sse && [...this._streams.values()].every((e) => e.opened)) this._sseOpened(sse);
+      return;
+    }
+    // Unreachable, a server error, a limit (429, 503), or a stream that opens now: reconnect
+    // every stream with backoff, as after a WebSocket that closed with no code.
+    this._sseFailed(undefined, status ? 'stream refused: HTTP ' + status : 'stream refused or unreachable');
+  }
+
+  /** The relay refused the token (a 401 to `/sse` or `POST /ticket`): as its `unauthorized`
+   * error frame and close 4401 on a WebSocket. With getToken, a fresh token and a reconnect
+   * (with backoff when that one is refused too); without, the client stops. */
+  _sseUnauthorized(message) {
+    this._onError({ code: 'unauthorized', message });
+    this._sseFailed(CloseCode.UNAUTHORIZED, message);
   }
 
   _closeStream(key) {
@@ -456,12 +527,9 @@ export class ProgressRelay {
     for (const key of [...this._streams.keys()]) this._closeStream(key);
   }
 
-  /** Every stream is dropped and the client reconnects (as after a WebSocket close with `code`).
-   * `refused`: a stream failed before it opened, most likely refused (401 after its token
-   * expired): with getToken, the reconnect asks for a fresh token. */
-  _sseFailed(code, reason, refused) {
+  /** Every stream is dropped and the client reconnects (as after a WebSocket close with `code`). */
+  _sseFailed(code, reason) {
     this._dropSocket();
-    if (refused && this._getToken) this._needFreshToken = true;
     this._onClose(code, reason);
   }
 
@@ -1021,16 +1089,30 @@ async function httpReachable(url) {
 }
 
 /** A one-time ticket for `token` (POST /ticket), so that the token stays out of the URL. */
-async function fetchTicket(url, token) {
-  const response = await fetch(url.href, { method: 'POST', headers: { Authorization: 'Bearer ' + token }, cache: 'no-store' });
+async function fetchTicket(url, token, signal) {
+  const response = await fetch(url.href, { method: 'POST', headers: { Authorization: 'Bearer ' + token }, cache: 'no-store', signal });
   if (!response.ok) {
-    const error = new Error('POST ' + url.pathname + ' answered ' + response.status);
+    const body = await relayErrorBody(response);
+    const error = new Error('POST ' + url.pathname + ' answered ' + response.status + (body.message ? ': ' + body.message : ''));
     error.status = response.status;
+    error.relayMessage = body.message;
     throw error;
   }
   const body = await response.json();
   if (!body || typeof body.ticket !== 'string') throw new Error('POST ' + url.pathname + ' gave no ticket');
   return body.ticket;
+}
+
+/** The relay's refusal body, `{"error": code, "message": …}`: `{code, message}`, null where absent. */
+async function relayErrorBody(response) {
+  let body = null;
+  try {
+    body = JSON.parse(await response.text());
+  } catch (_) {
+    /* not the relay's JSON (a proxy's page), or the body did not come */
+  }
+  const field = (name) => (body && typeof body === 'object' && typeof body[name] === 'string' ? body[name] : null);
+  return { code: field('error'), message: field('message') };
 }
 
 /** getToken's answer: a token, or an object with `token` (the JSON a token endpoint answers,

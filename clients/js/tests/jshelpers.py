@@ -1,4 +1,5 @@
-"""Helpers shared by the browser tests: a resilient emitter, the module harness, the live page."""
+"""Helpers shared by the browser tests: events and their checks, a resilient emitter, an nginx
+that refuses WebSocket upgrades, the module harness, the live page."""
 
 from __future__ import annotations
 
@@ -6,8 +7,28 @@ import json
 import socket
 import threading
 import time
+from pathlib import Path
 
 from selenium.webdriver.common.by import By
+
+CLIENT_DIR = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------------------------
+# events
+
+def progress(topic: str, i: int, n: int) -> dict:
+    """Event i of n of `topic` (a progress event that also carries `i`, for the checks)."""
+    return {"topic": topic, "type": "progress", "progress": round(100 * i / n, 2), "current": i,
+            "total": n, "message": f"step {i}/{n}", "i": i}
+
+
+def assert_exactly_once(events: list[dict], n: int, sub: str):
+    """The harness's events of one subscription are `progress` 1..n, each once, in order."""
+    got = [e["event"]["i"] for e in events]
+    assert got == list(range(1, n + 1)), f"{sub}: expected i = 1..{n} once each, in order; got {got}"
+    seqs = [e["event"]["seq"] for e in events]
+    assert seqs == list(range(1, n + 1)), f"{sub}: seqs {seqs}"
 
 
 def wait_js(driver, script: str, timeout: float = 10.0, what: str | None = None, interval: float = 0.05):
@@ -81,6 +102,50 @@ class Emitter(threading.Thread):
         if self.error:
             raise self.error
 
+
+# --------------------------------------------------------------------------------------------
+# a proxy that refuses WebSocket upgrades
+
+def no_upgrade_nginx(relay_port: int, static: bool = False):
+    """A started nginxlib.Nginx in front of the relay on `relay_port`: /ws answers 403 (no
+    upgrade reaches the relay), /sse is proxied unbuffered, everything else (/ticket, /healthz,
+    /) as it is; requests are logged to `<dir>/access.log`. static: nginx serves `/` (live.html)
+    and `/progress-relay.js` from clients/js itself, so that the page runs the client as it is
+    in the tree, whatever the relay binary embeds. The caller cleans it up."""
+    import nginxlib  # Tests/EndToEnd, on sys.path (conftest.py, scripts/screenshots)
+
+    ngx = nginxlib.Nginx()
+    files = ""
+    if static:
+        files = f"""
+        location = / {{ root {CLIENT_DIR}; try_files /live.html =404; types {{ }} default_type text/html; }}
+        location = /progress-relay.js {{ root {CLIENT_DIR}; types {{ }} default_type text/javascript; }}"""
+    upstream = f"http://127.0.0.1:{relay_port}"
+    ngx.configure(f"""
+    access_log {ngx.dir}/access.log;
+    server {{
+        listen 127.0.0.1:{ngx.port};
+        proxy_http_version 1.1;
+        proxy_set_header Host $host;
+        location = /ws {{ return 403; }}
+        location = /sse {{
+            proxy_pass {upstream};
+            proxy_buffering off;
+            proxy_cache off;
+            gzip off;
+            proxy_read_timeout 75s;
+        }}
+        location / {{ proxy_pass {upstream}; }}{files}
+    }}""")
+    try:
+        return ngx.start()
+    except BaseException:
+        ngx.cleanup()
+        raise
+
+
+# --------------------------------------------------------------------------------------------
+# the module's test page
 
 def open_harness(browser, page_server):
     browser.get(page_server.base + "/tests/pages/module.html")

@@ -13,16 +13,11 @@ import pytest
 
 import relaylib
 from jshelpers import (connection_text, console_errors, emit_one, events_of, harness_log, open_harness,
-                       row_info, wait_js, wait_row)
+                       progress, row_info, wait_js, wait_row)
 
 
 def cluster_relay(relay_factory, redis, name="relay"):
     return relay_factory("--redis", redis.url, "--node-name", name, name=name)
-
-
-def progress(topic: str, i: int, n: int) -> dict:
-    return {"topic": topic, "type": "progress", "progress": round(100 * i / n, 2), "current": i,
-            "total": n, "message": f"step {i}/{n}", "i": i}
 
 
 def sent_subscribes(browser, topic: str) -> list[dict]:

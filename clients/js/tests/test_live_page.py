@@ -50,6 +50,7 @@ def test_dev_url_opens_the_page_authorised_and_shows_progress(browser, relay_fac
 
     wait_js(browser, "document.getElementById('connection').dataset.state === 'open'", 10, "the page to connect")
     assert connection_text(browser) == "Live"
+    assert browser.find_element(By.ID, "transport").text == "over WebSocket"
     assert "token=" not in browser.current_url, "the token stays out of the address bar and history"
     assert browser.find_element(By.ID, "token-panel").is_displayed() is False
     assert "signed in as dev" in browser.find_element(By.ID, "who").text

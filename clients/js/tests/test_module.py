@@ -8,19 +8,8 @@ from __future__ import annotations
 import signal
 import time
 
-from jshelpers import Emitter, emit_one, events_of, harness_log, open_harness, states, wait_js
-
-
-def progress(topic: str, i: int, n: int) -> dict:
-    return {"topic": topic, "type": "progress", "progress": round(100 * i / n, 2), "current": i,
-            "total": n, "message": f"step {i}/{n}", "i": i}
-
-
-def assert_exactly_once(events: list[dict], n: int, sub: str):
-    got = [e["event"]["i"] for e in events]
-    assert got == list(range(1, n + 1)), f"{sub}: expected i = 1..{n} once each, in order; got {got}"
-    seqs = [e["event"]["seq"] for e in events]
-    assert seqs == list(range(1, n + 1)), f"{sub}: seqs {seqs}"
+from jshelpers import (Emitter, assert_exactly_once, emit_one, events_of, harness_log, open_harness, progress,
+                       states, wait_js)
 
 
 # ---------------------------------------------------------------------------------------------

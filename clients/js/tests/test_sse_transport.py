@@ -4,7 +4,12 @@ With `transport: 'auto'` (the default) the client tries the WebSocket and, after
 failing without ever opening while the host still answers HTTP, switches to SSE (`GET /sse`, one
 EventSource per subscription, each with a one-time ticket and the client's own resume point).
 The proxy here is Debian's nginx refusing upgrades on /ws (`return 403`) and proxying /sse
-unbuffered, as examples/nginx/progress-relay.conf does. `transport: 'sse'` needs no proxy."""
+unbuffered, as examples/nginx/progress-relay.conf does. `transport: 'sse'` needs no proxy.
+
+Refusals: the relay answers a stream it refuses with 401 or 403 and a JSON body, which an
+EventSource cannot read; the client asks the same question again with fetch and then does what
+it does on a WebSocket (4401: getToken and reconnect, or stop; `forbidden`: the subscription's
+error, not retried). The tests count the requests in nginx's access log."""
 
 from __future__ import annotations
 
@@ -12,60 +17,25 @@ import time
 import urllib.parse
 
 import pytest
+from selenium.webdriver.common.by import By
 
 import nginxlib
-from conftest import CLIENT_DIR
-from jshelpers import Emitter, connection_text, events_of, harness_log, open_harness, states, wait_js, wait_row
-
-
-def progress(topic: str, i: int, n: int) -> dict:
-    return {"topic": topic, "type": "progress", "progress": round(100 * i / n, 2), "current": i,
-            "total": n, "message": f"step {i}/{n}", "i": i}
-
-
-def assert_exactly_once(events: list[dict], n: int, sub: str):
-    got = [e["event"]["i"] for e in events]
-    assert got == list(range(1, n + 1)), f"{sub}: expected i = 1..{n} once each, in order; got {got}"
-    seqs = [e["event"]["seq"] for e in events]
-    assert seqs == list(range(1, n + 1)), f"{sub}: seqs {seqs}"
+from jshelpers import (Emitter, assert_exactly_once, connection_text, events_of, harness_log, no_upgrade_nginx,
+                       open_harness, progress, states, wait_js, wait_row)
 
 
 @pytest.fixture
 def no_upgrade_proxy():
-    """make(relay) -> nginxlib.Nginx in front of `relay`: /ws answers 403 (no upgrade reaches the
-    relay), /sse is proxied unbuffered, everything else (/ticket, /healthz, /) as it is."""
+    """make(relay, static=False) -> a started nginx in front of `relay` that refuses upgrades on
+    /ws (jshelpers.no_upgrade_nginx), cleaned up at teardown."""
     if not nginxlib.have_nginx():
         pytest.fail(nginxlib.SKIP_REASON)
     made: list[nginxlib.Nginx] = []
 
     def make(relay, static: bool = False) -> nginxlib.Nginx:
-        """static: nginx serves `/` (live.html) and `/progress-relay.js` from clients/js itself,
-        so that the page runs the client under test whatever the relay binary embeds."""
-        ngx = nginxlib.Nginx()
-        files = ""
-        if static:
-            files = f"""
-        location = / {{ root {CLIENT_DIR}; try_files /live.html =404; types {{ }} default_type text/html; }}
-        location = /progress-relay.js {{ root {CLIENT_DIR}; types {{ }} default_type text/javascript; }}"""
+        ngx = no_upgrade_nginx(relay.port, static=static)
         made.append(ngx)
-        upstream = f"http://127.0.0.1:{relay.port}"
-        ngx.configure(f"""
-    access_log {ngx.dir}/access.log;
-    server {{
-        listen 127.0.0.1:{ngx.port};
-        proxy_http_version 1.1;
-        proxy_set_header Host $host;
-        location = /ws {{ return 403; }}
-        location = /sse {{
-            proxy_pass {upstream};
-            proxy_buffering off;
-            proxy_cache off;
-            gzip off;
-            proxy_read_timeout 75s;
-        }}
-        location / {{ proxy_pass {upstream}; }}{files}
-    }}""")
-        return ngx.start()
+        return ngx
 
     yield make
     for ngx in made:
@@ -281,8 +251,176 @@ def test_live_page_behind_a_proxy_that_refuses_upgrades(browser, page_server, re
     wait_js(browser, "document.getElementById('connection').dataset.state === 'open'", 15, "the page to connect")
     assert connection_text(browser) == "Live"
     assert browser.execute_script("return document.getElementById('connection').dataset.transport") == "sse"
+    badge = browser.find_element(By.ID, "transport")
+    assert badge.is_displayed() and badge.text == "over SSE", badge.text
     wait_row(browser, "task:7", lambda r: r["valuenow"] == "42", what="the bar at 42 %")
     relay.emit_lines([{"topic": "task:7", "type": "complete", "success": True, "message": "done"}])
     wait_row(browser, "task:7", lambda r: r["state"] == "complete", what="the task complete")
     browser.save_screenshot(str(output_dir / "live-sse.png"))
     browser.get("about:blank")
+
+
+# ---------------------------------------------------------------------------------------------
+# refusals: the relay answers 401 or 403 (with a JSON body) before a stream starts, which an
+# EventSource cannot read; the client asks again with fetch and does what it does on a WebSocket
+
+def sse_requests(ngx, topic: str | None = None) -> list[str]:
+    """The lines of nginx's access log for GET /sse (of `topic` when given). nginx logs a request
+    when it ends: a stream still open is not there yet."""
+    log = (ngx.dir / "access.log").read_text(errors="replace") if (ngx.dir / "access.log").exists() else ""
+    lines = [line for line in log.splitlines() if '"GET /sse?' in line]
+    if topic is not None:
+        wanted = urllib.parse.quote(topic, safe="")
+        lines = [line for line in lines if f"topic={wanted}&" in line or f"topic={wanted} " in line]
+    return lines
+
+
+def proxy_requests(ngx) -> list[str]:
+    path = ngx.dir / "access.log"
+    return path.read_text(errors="replace").splitlines() if path.exists() else []
+
+
+@pytest.mark.parametrize("token_transport", ["protocol", "query"], ids=["ticket", "query"])
+def test_sse_forbidden_topic_is_reported_once_as_on_websocket(browser, page_server, relay_factory, no_upgrade_proxy,
+                                                              token_transport):
+    """A topic the token does not grant: the relay answers its stream 403. Its listener gets the
+    status a WebSocket subscription gets from the relay's `forbidden` error frame, an `error`
+    event follows, the subscription ends and is not asked for again, and the other one goes on.
+    ticket: the question goes with a fresh ticket (the stream used the first); query: the same
+    URL, ?token= and all."""
+    relay = relay_factory()
+    ngx = no_upgrade_proxy(relay)
+    open_harness(browser, page_server)
+    browser.execute_script(
+        "return window.harness.start(arguments[0], {token: arguments[1], topics: ['job:1', 'secret:1'],"
+        " options: {minDelay: 100, maxDelay: 300, tokenTransport: arguments[2]}})",
+        f"ws://127.0.0.1:{ngx.port}/ws", relay.token(topics=["job:*"]), token_transport)
+    wait_js(browser, "window.harness.log.statuses.length >= 2", 15, "both subscriptions answered over SSE")
+    assert browser.execute_script("return window.harness.relay.transport") == "sse"
+    log = harness_log(browser)
+    denied = [s for s in log["statuses"] if s["sub"] == "secret:1"]
+    assert denied == [{"sub": "secret:1", "status": "error", "topic": "secret:1", "code": "forbidden",
+                       "message": "topic not granted"}], denied
+    assert [(e["code"], e["message"], e["topic"], e["fatal"]) for e in log["errors"]] == [
+        ("forbidden", "topic not granted", "secret:1", False)], log["errors"]
+    assert browser.execute_script("return window.harness.relay.topics") == ["job:1"]
+    # not retried: one EventSource and one question, however long the client runs
+    time.sleep(2.0)   # minDelay 100 ms: a retry loop would have asked many times by now
+    assert len(sse_requests(ngx, "secret:1")) == 2, sse_requests(ngx, "secret:1")
+    assert len([s for s in streams(browser) if "secret%3A1" in s]) == 1, streams(browser)
+    # the granted subscription goes on, on its one stream
+    relay.emit_lines([progress("job:1", 1, 1), progress("secret:1", 1, 1)])
+    wait_js(browser, "window.harness.log.events.length === 1", 10, "job:1's event")
+    time.sleep(0.3)
+    assert [e["event"]["topic"] for e in harness_log(browser)["events"]] == ["job:1"]
+    assert states(browser)[-1] == "open" and not any(s.get("fatal") for s in harness_log(browser)["states"])
+    assert sse_requests(ngx, "job:1") == [], "job:1's one stream is still open"
+    assert relay.stats().get("sse_connections") == 1
+
+
+def test_sse_only_forbidden_topic_leaves_the_client_open(browser, page_server, relay_factory, no_upgrade_proxy):
+    """Its one subscription refused, the client is open with none, as on a WebSocket."""
+    relay = relay_factory()
+    ngx = no_upgrade_proxy(relay)
+    open_harness(browser, page_server)
+    browser.execute_script(
+        "return window.harness.start(arguments[0], {token: arguments[1], topics: ['secret:1'],"
+        " options: {minDelay: 100, maxDelay: 300}})", f"ws://127.0.0.1:{ngx.port}/ws", relay.token(topics=["job:*"]))
+    wait_js(browser, "window.harness.log.statuses.length === 1", 15, "the refusal")
+    time.sleep(1.5)
+    log = harness_log(browser)
+    assert [(s["status"], s["code"]) for s in log["statuses"]] == [("error", "forbidden")]
+    assert browser.execute_script("return window.harness.state") == "open"
+    assert not any(s.get("fatal") for s in log["states"]), log["states"]
+    assert len(sse_requests(ngx, "secret:1")) == 2 and browser.execute_script("return window.harness.relay.topics") == []
+
+
+@pytest.mark.parametrize("token_transport", ["protocol", "query"], ids=["ticket", "query"])
+def test_sse_refused_token_gets_a_fresh_one_from_getToken(browser, page_server, relay_factory, no_upgrade_proxy,
+                                                          token_transport):
+    """A token the relay refuses (signed with another secret), as in test_module's 4401 test:
+    the `unauthorized` error, a state `connecting` with code 4401, one call of getToken, and the
+    fresh token's stream delivers. ticket: POST /ticket answers 401; query: the stream is refused
+    with 401, which the client learns by asking again with fetch."""
+    relay = relay_factory()
+    page_server.relay = relay
+    ngx = no_upgrade_proxy(relay)
+    bad = relay.token(topics=["job:*"], secret="not the relay's secret")
+    open_harness(browser, page_server)
+    browser.execute_script(
+        "return window.harness.start(arguments[0], {token: arguments[1], tokenQuery: 'ttl=600&topics=job:*',"
+        " topics: ['job:t'], options: {minDelay: 100, tokenTransport: arguments[2]}})",
+        f"ws://127.0.0.1:{ngx.port}/ws", bad, token_transport)
+    wait_js(browser, "window.harness.log.statuses.length === 1", 15, "the subscription with the fresh token")
+    relay.emit_lines([progress("job:t", 1, 1)])
+    wait_js(browser, "window.harness.log.events.length === 1", 10, "the event")
+    log = harness_log(browser)
+    assert log["getTokenCalls"] == 1 and page_server.tokens_minted == 1
+    assert [s["status"] for s in log["statuses"]] == ["subscribed"]
+    assert [(e["code"], e["fatal"]) for e in log["errors"]] == [("unauthorized", False)], log["errors"]
+    assert any(s["state"] == "connecting" and s.get("code") == 4401 for s in log["states"]), log["states"]
+    assert browser.execute_script("return window.harness.state") == "open"
+    assert browser.execute_script("return window.harness.relay.transport") == "sse"
+    refused = [line.split('"')[1].split()[1] for line in proxy_requests(ngx) if '" 401 ' in line]
+    if token_transport == "query":
+        # the refused stream and the question, both with the refused token; the fresh token's
+        # stream is still open (nginx logs a request when it ends)
+        assert [r.split("?")[0] for r in refused] == ["/sse", "/sse"], refused
+        assert all(urllib.parse.parse_qs(urllib.parse.urlsplit(r).query)["token"] == [bad] for r in refused)
+        assert len(sse_requests(ngx, "job:t")) == 2
+    else:
+        # the ticket's POST answers the refusal before any stream
+        assert refused == ["/ticket"], refused
+        assert sse_requests(ngx, "job:t") == []
+
+
+@pytest.mark.parametrize("token_transport", ["protocol", "query"], ids=["ticket", "query"])
+def test_sse_refused_token_without_getToken_stops(browser, page_server, relay_factory, no_upgrade_proxy,
+                                                   token_transport):
+    """Without getToken the client stops, as test_module's test of a refused token does on a
+    WebSocket (`closed`, fatal, code 4401), and asks the relay nothing more."""
+    relay = relay_factory()
+    ngx = no_upgrade_proxy(relay)
+    open_harness(browser, page_server)
+    browser.execute_script(
+        "return window.harness.start(arguments[0], {token: arguments[1], topics: ['job:t'],"
+        " options: {minDelay: 100, tokenTransport: arguments[2]}})",
+        f"ws://127.0.0.1:{ngx.port}/ws", relay.token(topics=["job:*"], secret="not the relay's secret"),
+        token_transport)
+    wait_js(browser, "window.harness.state === 'closed'", 15)
+    seen = len(proxy_requests(ngx))
+    time.sleep(1.5)
+    log = harness_log(browser)
+    assert log["states"][-1]["state"] == "closed" and log["states"][-1]["fatal"] is True, log["states"]
+    assert log["states"][-1]["code"] == 4401, log["states"]
+    assert [(e["code"], e["fatal"]) for e in log["errors"]] == [("unauthorized", False), ("unauthorized", True)]
+    assert "open" not in states(browser)
+    assert len(proxy_requests(ngx)) == seen, proxy_requests(ngx)[seen:]
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+def test_refused_fresh_tokens_are_retried_with_backoff_on_both_transports(browser, page_server, relay_factory,
+                                                                          no_upgrade_proxy, transport):
+    """getToken keeps answering tokens the relay refuses (expired ones): on both transports the
+    client asks again before each reconnect, with a growing backoff, and does not stop."""
+    relay = relay_factory()
+    page_server.relay = relay
+    url = relay.url
+    if transport == "sse":
+        url = f"ws://127.0.0.1:{no_upgrade_proxy(relay).port}/ws"
+    open_harness(browser, page_server)
+    browser.execute_script(
+        "return window.harness.start(arguments[0], {tokenQuery: 'ttl=-5&topics=job:*', topics: ['job:t'],"
+        " options: {minDelay: 100, maxDelay: 800, transport: arguments[1] === 'sse' ? 'auto' : 'websocket'}})",
+        url, transport)
+    wait_js(browser, "window.harness.log.states.filter(s => s.code === 4401).length >= 3", 15,
+            "several refusals of fresh tokens")
+    log = harness_log(browser)
+    assert browser.execute_script("return window.harness.relay.transport") == transport
+    refused = [s for s in log["states"] if s["state"] == "connecting" and s.get("code") == 4401]
+    attempts = [s["attempt"] for s in refused]
+    assert attempts == sorted(attempts) and attempts[-1] > attempts[0], log["states"]
+    assert log["getTokenCalls"] >= len(refused)
+    assert not any(s.get("fatal") for s in log["states"]) and browser.execute_script("return window.harness.state") != "closed"
+    assert {e["code"] for e in log["errors"]} == {"unauthorized"} and not any(e["fatal"] for e in log["errors"])
+    browser.execute_script("window.harness.close()")
