@@ -8,7 +8,7 @@ import Testing
 
 @testable import RelayHub
 
-// MARK: - Helpers
+// MARK: - Helpers (`seq(of:)` is in HubTestSupport.swift)
 
 private func makeHub(
     historyLimit: Int = 100, maxTopics: Int = 100_000, topicTTL: UInt64 = 3600 * 1_000_000_000,
@@ -21,10 +21,11 @@ private func makeHub(
         epochPrefix: "test")
 }
 
-private func object(_ topic: String, _ n: Int) -> String { #"{"topic":"\#(topic)","n":\#(n)}"# }
+/// Smaller than HubTestSupport's `object` (no `type`), so byte caps in these tests stay small.
+private func smallObject(_ topic: String, _ n: Int) -> String { #"{"topic":"\#(topic)","n":\#(n)}"# }
 
-private func event(_ topic: String, _ n: Int) -> IncomingEvent {
-    IncomingEvent(topic: topic, object: ByteBuffer(string: object(topic, n)))
+private func smallEvent(_ topic: String, _ n: Int) -> IncomingEvent {
+    IncomingEvent(topic: topic, object: ByteBuffer(string: smallObject(topic, n)))
 }
 
 /// The size of the frame the hub builds for `object` numbered `seq`, worked out from the format
@@ -54,18 +55,12 @@ private func heldSeqs(_ hub: Hub, _ name: String) -> [UInt64] {
     hub.topics[name]?.history.all.compactMap(seq(of:)) ?? []
 }
 
-private func seq(of frame: ByteBuffer) -> UInt64? {
-    let text = String(decoding: frame.readableBytesView.dropFirst(2), as: UTF8.self)
-    guard text.hasPrefix("{\"seq\":") else { return nil }
-    return UInt64(text.dropFirst(7).prefix { $0.isNumber })
-}
-
 private func sub(_ serial: UInt64) -> SubscriberID { SubscriberID(loop: 0, serial: serial) }
 
 /// Publishes `count` events to each of `topics`, one topic after another (the first is idle longest).
 private func fill(_ hub: Hub, topics: [String], count: Int, now: UInt64 = 1) {
     for name in topics {
-        _ = hub.publish((1...count).map { event(name, $0) }, now: now)
+        _ = hub.publish((1...count).map { smallEvent(name, $0) }, now: now)
     }
 }
 
@@ -76,45 +71,45 @@ struct HistoryBytesAccountingTests {
     @Test("publish, ring wrap, a topic made by a subscribe: frames counted once each, plus the overhead")
     func publishAndWrap() {
         let hub = makeHub(historyLimit: 3, overhead: 100)
-        _ = hub.publish([event("a", 1)], now: 1)
-        #expect(hub.historyBytes == 100 + frameBytes(seq: 1, object("a", 1)))
+        _ = hub.publish([smallEvent("a", 1)], now: 1)
+        #expect(hub.historyBytes == 100 + frameBytes(seq: 1, smallObject("a", 1)))
         #expect(hub.historyBytes == recount(hub))
 
         // Seqs 2...5: the ring wraps, keeping 3, 4, 5; the newest is one of them, counted once.
-        _ = hub.publish((2...5).map { event("a", $0) }, now: 2)
-        let a = (3...5).reduce(0) { $0 + frameBytes(seq: UInt64($1), object("a", $1)) }
+        _ = hub.publish((2...5).map { smallEvent("a", $0) }, now: 2)
+        let a = (3...5).reduce(0) { $0 + frameBytes(seq: UInt64($1), smallObject("a", $1)) }
         #expect(hub.historyBytes == 100 + a)
         #expect(hub.historyBytes == recount(hub))
 
         _ = hub.subscribe(sub(1), to: "c", resume: nil, now: 3)
         #expect(hub.historyBytes == 200 + a)
-        _ = hub.publish([event("b", 1)], now: 4)
-        #expect(hub.historyBytes == 300 + a + frameBytes(seq: 1, object("b", 1)))
+        _ = hub.publish([smallEvent("b", 1)], now: 4)
+        #expect(hub.historyBytes == 300 + a + frameBytes(seq: 1, smallObject("b", 1)))
         #expect(hub.historyBytes == recount(hub))
     }
 
     @Test("each frame held counts its overhead once: ring wrap, history 0, eviction")
     func frameOverhead() {
         let hub = makeHub(historyLimit: 3, cap: 2000, overhead: 100, frameOverhead: 50)
-        _ = hub.publish((1...5).map { event("a", $0) }, now: 1)
-        let frames: Int = (3...5).reduce(0) { $0 + frameBytes(seq: UInt64($1), object("a", $1)) }
+        _ = hub.publish((1...5).map { smallEvent("a", $0) }, now: 1)
+        let frames: Int = (3...5).reduce(0) { $0 + frameBytes(seq: UInt64($1), smallObject("a", $1)) }
         #expect(hub.historyBytes == 100 + 3 * 50 + frames)
         #expect(hub.historyBytes == recount(hub))
-        for round in 1...20 { _ = hub.publish((0..<10).map { event("t\($0)", round) }, now: UInt64(round)) }
+        for round in 1...20 { _ = hub.publish((0..<10).map { smallEvent("t\($0)", round) }, now: UInt64(round)) }
         #expect(hub.historyEvictions != HistoryEvictions())
         #expect(hub.historyBytes <= 2000)
         #expect(hub.historyBytes == recount(hub))
 
         let newestOnly = makeHub(historyLimit: 0, overhead: 7, frameOverhead: 50)
-        _ = newestOnly.publish([event("a", 1), event("a", 2)], now: 1)
-        #expect(newestOnly.historyBytes == 7 + 50 + frameBytes(seq: 2, object("a", 2)))
+        _ = newestOnly.publish([smallEvent("a", 1), smallEvent("a", 2)], now: 1)
+        #expect(newestOnly.historyBytes == 7 + 50 + frameBytes(seq: 2, smallObject("a", 2)))
     }
 
     @Test("history 0: the newest event alone is counted, and replaced")
     func historyZero() {
         let hub = makeHub(historyLimit: 0, overhead: 7)
-        _ = hub.publish([event("a", 1), event("a", 22)], now: 1)
-        #expect(hub.historyBytes == 7 + frameBytes(seq: 2, object("a", 22)))
+        _ = hub.publish([smallEvent("a", 1), smallEvent("a", 22)], now: 1)
+        #expect(hub.historyBytes == 7 + frameBytes(seq: 2, smallObject("a", 22)))
         #expect(hub.historyBytes == recount(hub))
     }
 
@@ -123,7 +118,7 @@ struct HistoryBytesAccountingTests {
         let limited = makeHub(historyLimit: 5, maxTopics: 2, overhead: 50)
         fill(limited, topics: ["x", "y", "z"], count: 4)
         #expect(limited.topics["x"] == nil)
-        let yz = (1...4).reduce(0) { $0 + frameBytes(seq: UInt64($1), object("y", $1)) + frameBytes(seq: UInt64($1), object("z", $1)) }
+        let yz = (1...4).reduce(0) { $0 + frameBytes(seq: UInt64($1), smallObject("y", $1)) + frameBytes(seq: UInt64($1), smallObject("z", $1)) }
         #expect(limited.historyBytes == 100 + yz)
         #expect(limited.historyBytes == recount(limited))
 
@@ -147,18 +142,18 @@ struct HistoryBytesAccountingTests {
     func clusterMode() throws {
         let hub = makeHub(historyLimit: 3, overhead: 10, sequencing: .external)
         _ = try hub.publishSequenced(
-            (1...5).map { SequencedEvent(topic: "a", epoch: "e1", seq: UInt64($0), object: ByteBuffer(string: object("a", $0))) },
+            (1...5).map { SequencedEvent(topic: "a", epoch: "e1", seq: UInt64($0), object: ByteBuffer(string: smallObject("a", $0))) },
             now: 1)
         #expect(hub.historyBytes == recount(hub))
         _ = try hub.resetTopic(
             "a", epoch: "e2", newestSeq: 2,
-            events: (1...2).map { StoredEvent(seq: UInt64($0), object: ByteBuffer(string: object("a", $0))) }, now: 2)
-        #expect(hub.historyBytes == 10 + frameBytes(seq: 1, object("a", 1)) + frameBytes(seq: 2, object("a", 2)))
+            events: (1...2).map { StoredEvent(seq: UInt64($0), object: ByteBuffer(string: smallObject("a", $0))) }, now: 2)
+        #expect(hub.historyBytes == 10 + frameBytes(seq: 1, smallObject("a", 1)) + frameBytes(seq: 2, smallObject("a", 2)))
         #expect(hub.historyBytes == recount(hub))
-        _ = try hub.resetTopic("b", epoch: "e1", newestSeq: 9, events: [StoredEvent(seq: 9, object: ByteBuffer(string: object("b", 9)))], now: 3)
+        _ = try hub.resetTopic("b", epoch: "e1", newestSeq: 9, events: [StoredEvent(seq: 9, object: ByteBuffer(string: smallObject("b", 9)))], now: 3)
         #expect(hub.historyBytes == recount(hub))
         #expect(hub.forgetTopic("a"))
-        #expect(hub.historyBytes == 10 + frameBytes(seq: 9, object("b", 9)))
+        #expect(hub.historyBytes == 10 + frameBytes(seq: 9, smallObject("b", 9)))
     }
 }
 
@@ -170,7 +165,7 @@ struct HistoryBytesEvictionTests {
     private func fullHub(overhead: Int = 0) -> (Hub, cap: Int) {
         let names = (0..<5).map { "t\($0)" }
         var cap = 5 * overhead
-        for name in names { for n in 1...8 { cap += frameBytes(seq: UInt64(n), object(name, n)) } }
+        for name in names { for n in 1...8 { cap += frameBytes(seq: UInt64(n), smallObject(name, n)) } }
         let hub = makeHub(cap: cap, overhead: overhead)
         fill(hub, topics: names, count: 8)
         #expect(hub.historyBytes == cap)
@@ -182,7 +177,7 @@ struct HistoryBytesEvictionTests {
     func idleLongestFirst() {
         let (hub, cap) = fullHub()
         let target = cap - cap / 10
-        _ = hub.publish([event("t4", 9)], now: 2)
+        _ = hub.publish([smallEvent("t4", 9)], now: 2)
 
         // t0 lost its oldest events, just enough; t1...t4 kept everything.
         let kept = heldSeqs(hub, "t0")
@@ -199,15 +194,15 @@ struct HistoryBytesEvictionTests {
     func stopsAtNinetyPercent() {
         let (hub, cap) = fullHub(overhead: 3)
         let target = cap - cap / 10
-        _ = hub.publish([event("t4", 9)], now: 2)
+        _ = hub.publish([smallEvent("t4", 9)], now: 2)
         let firstKept = heldSeqs(hub, "t0").first!
-        let lastDropped = frameBytes(seq: firstKept - 1, object("t0", Int(firstKept) - 1))
+        let lastDropped = frameBytes(seq: firstKept - 1, smallObject("t0", Int(firstKept) - 1))
         #expect(hub.historyBytes <= target)
         #expect(hub.historyBytes + lastDropped > target)
 
         // Under the cap again nothing more is evicted: eviction runs in batches, not per event.
         let before = hub.historyEvictions
-        _ = hub.publish([event("t3", 9)], now: 3)
+        _ = hub.publish([smallEvent("t3", 9)], now: 3)
         #expect(hub.historyBytes <= cap)
         #expect(hub.historyEvictions == before)
     }
@@ -216,7 +211,7 @@ struct HistoryBytesEvictionTests {
     func acrossTopics() {
         let (hub, cap) = fullHub()
         // A burst on t4 worth half the cap: t0, t1, ... lose history in that order.
-        _ = hub.publish((9...20).map { event("t4", $0) }, now: 2)
+        _ = hub.publish((9...20).map { smallEvent("t4", $0) }, now: 2)
         #expect(hub.historyEvictions.topics == 0)
         #expect(hub.topics.count == 5)
         #expect(hub.historyBytes <= cap - cap / 10)
@@ -232,12 +227,12 @@ struct HistoryBytesEvictionTests {
     func forgetsWholeTopics() {
         // 20 topics of one event each, t0 idle longest; t1 has a subscriber.
         let names = (0..<20).map { "t\($0)" }
-        let sizes = names.map { frameBytes(seq: 1, object($0, 1)) + 10 }
+        let sizes = names.map { frameBytes(seq: 1, smallObject($0, 1)) + 10 }
         let cap = sizes.prefix(10).reduce(0, +)
         let hub = makeHub(cap: cap, overhead: 10)
         _ = hub.subscribe(sub(1), to: "t1", resume: nil, now: 0)
         for (index, name) in names.enumerated() {
-            _ = hub.publish([event(name, 1)], now: UInt64(index + 1))
+            _ = hub.publish([smallEvent(name, 1)], now: UInt64(index + 1))
             #expect(hub.historyBytes <= cap)
         }
         #expect(hub.historyEvictions.events == 0)
@@ -255,7 +250,7 @@ struct HistoryBytesEvictionTests {
     func resumeIntoEvictedRange() throws {
         let (hub, _) = fullHub()
         let epoch = hub.topics["t0"]!.epoch
-        _ = hub.publish([event("t4", 9)], now: 2)
+        _ = hub.publish([smallEvent("t4", 9)], now: 2)
         let firstKept = try #require(heldSeqs(hub, "t0").first)
         #expect(firstKept > 1)
 
@@ -277,7 +272,7 @@ struct HistoryBytesEvictionTests {
         for round in 0..<100 {
             var batch = [IncomingEvent]()
             for index in 0..<1000 {
-                batch.append(event("topic-\((index * 7 + round * 13) % 5000)", round))
+                batch.append(smallEvent("topic-\((index * 7 + round * 13) % 5000)", round))
             }
             _ = hub.publish(batch, now: UInt64(round))
             events += batch.count
@@ -298,7 +293,7 @@ struct HistoryBytesEvictionTests {
         var events = 0
         for round in 1...100 {
             for name in names {
-                _ = hub.publish([event(name, round)], now: UInt64(round))
+                _ = hub.publish([smallEvent(name, round)], now: UInt64(round))
                 events += 1
             }
         }

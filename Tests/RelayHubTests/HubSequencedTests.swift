@@ -10,7 +10,7 @@ import Testing
 
 @testable import RelayHub
 
-// MARK: - Helpers
+// MARK: - Helpers (the rest are in HubTestSupport.swift)
 
 /// Hands out (epoch, seq) per topic and keeps history, like the issue 13 script in `pub` and `read` mode.
 private struct FakeSequencer {
@@ -71,11 +71,6 @@ private func makeClusterHub(historyLimit: Int = 100, maxTopics: Int = 100_000, l
         epochPrefix: "never-used")
 }
 
-/// The JSON object an emitter would have written for event `n` of `topic`.
-private func object(_ topic: String, _ n: Int) -> String {
-    #"{"topic":"\#(topic)","type":"progress","n":\#(n)}"#
-}
-
 /// A whole unmasked text frame carrying `payload` (RFC 6455 section 5.2; payloads here stay below 64 KiB).
 private func textFrame(_ payload: String) -> [UInt8] {
     let bytes = Array(payload.utf8)
@@ -93,31 +88,9 @@ private func subscribedFrame(_ topic: String, epoch: String, seq: UInt64) -> [UI
     textFrame(#"{"op":"subscribed","topic":"\#(topic)","epoch":"\#(epoch)","seq":\#(seq),"recovered":false}"#)
 }
 
-private func bytes(_ buffer: ByteBuffer) -> [UInt8] { Array(buffer.readableBytesView) }
-
 /// Where a buffer's bytes live: equal for two buffers that share one storage.
 private func address(_ buffer: ByteBuffer) -> UInt {
     buffer.withUnsafeReadableBytes { UInt(bitPattern: $0.baseAddress) }
-}
-
-private func sub(_ loop: Int, _ serial: UInt64) -> SubscriberID { SubscriberID(loop: loop, serial: serial) }
-
-private struct Run {
-    var frames: [ByteBuffer]
-    var subscribers: [SubscriberID]
-}
-
-private func runs(_ plan: LoopPlan) -> [Run] {
-    var out: [Run] = []
-    plan.forEachRun { targets, range in
-        let subscribers: [SubscriberID]
-        switch targets {
-        case .one(let id): subscribers = [id]
-        case .many(let ids): subscribers = ids
-        }
-        out.append(Run(frames: Array(plan.frames[range]), subscribers: subscribers))
-    }
-    return out
 }
 
 /// What each subscriber is sent by a plan, in order, as raw frame bytes.

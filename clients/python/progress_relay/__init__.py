@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Optional
+from typing import Any
 
 from ._emitter import DEFAULT_SOCKET_PATH, SOCKET_ENV, Emitter, default_socket_path
 from ._token import read_secret, token
@@ -37,7 +37,7 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-_default: Optional[Emitter] = None
+_default: Emitter | None = None
 _default_lock = threading.Lock()
 
 
@@ -59,7 +59,7 @@ def emit(topic: Any = None, type: Any = None, /, **fields: Any) -> bool:
     return get_emitter().emit(topic, type, **fields)
 
 
-def flush(timeout: Optional[float] = 5.0) -> bool:
+def flush(timeout: float | None = 5.0) -> bool:
     """Flush the shared emitter (see :meth:`Emitter.flush`)."""
     em = _default
     return True if em is None else em.flush(timeout)

@@ -34,7 +34,7 @@ import socket
 import threading
 import time
 import weakref
-from typing import Any, Deque, Dict, List, Optional, Tuple
+from typing import Any
 
 __all__ = ["Emitter", "default_socket_path", "DEFAULT_SOCKET_PATH", "SOCKET_ENV"]
 
@@ -71,7 +71,7 @@ class _Unencodable(Exception):
     pass
 
 
-def _sanitize(value: Any, stack: List[int]) -> Any:
+def _sanitize(value: Any, stack: list[int]) -> Any:
     """A copy of value that JSON can encode: what JSON has no form for becomes ``str(value)``,
     NaN and infinities become null, non-string keys become strings. Circular references raise
     _Unencodable."""
@@ -125,7 +125,7 @@ def _error_text(error: Any) -> str:
 
 
 # Every Emitter of this process, for the fork and exit hooks.
-_EMITTERS: "weakref.WeakSet[Emitter]" = weakref.WeakSet()
+_EMITTERS: weakref.WeakSet[Emitter] = weakref.WeakSet()
 
 
 class Emitter:
@@ -139,7 +139,7 @@ class Emitter:
     Thread-safe and fork-safe; ``emit`` never blocks on the relay and never raises.
     """
 
-    def __init__(self, path: Optional[str] = None, *, max_queue: int = 10000,
+    def __init__(self, path: str | None = None, *, max_queue: int = 10000,
                  max_backoff: float = 2.0, exit_timeout: float = 1.0) -> None:
         self.path: str = path if path else default_socket_path()
         self.max_queue = max(1, int(max_queue))
@@ -162,19 +162,19 @@ class Emitter:
         self._work = threading.Condition(self._lock)     # the writer waits here
         self._done = threading.Condition(self._lock)     # flush() waits here
         self._writer_mutex = threading.Lock()            # held by whoever writes (thread or inline)
-        self._queue: Deque[Tuple[bytes, str]] = collections.deque()
+        self._queue: collections.deque[tuple[bytes, str]] = collections.deque()
         self._inflight = 0              # lines taken from the queue and not yet written in full
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._writer_waiting = False
         self._stopping = False
         self._closed = False
         # owned by the writer (thread or inline drain)
-        self._sock: Optional[socket.socket] = None
+        self._sock: socket.socket | None = None
         self._pending = bytearray()
-        self._pending_ends: List[int] = []
-        self._pending_topics: List[str] = []
+        self._pending_ends: list[int] = []
+        self._pending_topics: list[str] = []
         self._conn_lines = 0
-        self._recent: Deque[Tuple[int, str]] = collections.deque(maxlen=_RECENT_LINES)
+        self._recent: collections.deque[tuple[int, str]] = collections.deque(maxlen=_RECENT_LINES)
         self._rbuf = b""
         self._rx_eof = False
         self._connect_failures = 0
@@ -228,7 +228,7 @@ class Emitter:
             for name in _RESERVED:
                 if name in fields:
                     return self._invalid_event(topic, f"the field {name!r} is reserved")
-            event: Dict[str, Any] = {"topic": topic}
+            event: dict[str, Any] = {"topic": topic}
             if type is not None:
                 event["type"] = type
             event.update(fields)
@@ -271,7 +271,7 @@ class Emitter:
         logger.error("progress-relay: event for topic %r dropped: %s", topic, why)
         return False
 
-    def _encode(self, topic: str, event: Dict[str, Any]) -> Optional[bytes]:
+    def _encode(self, topic: str, event: dict[str, Any]) -> bytes | None:
         try:
             text = _encode_json(event)
         except (TypeError, ValueError, OverflowError) as e:
@@ -337,7 +337,7 @@ class Emitter:
 
     # ------------------------------------------------------------------------------ flush, close
 
-    def flush(self, timeout: Optional[float] = 5.0) -> bool:
+    def flush(self, timeout: float | None = 5.0) -> bool:
         """Wait until every queued event was written to the relay, at most ``timeout`` seconds
         (None: no limit). True when everything was written. Never raises."""
         try:
@@ -369,7 +369,7 @@ class Emitter:
             logger.exception("progress-relay: flush failed")
             return False
 
-    def close(self, timeout: Optional[float] = 5.0) -> bool:
+    def close(self, timeout: float | None = 5.0) -> bool:
         """Flush (at most ``timeout`` seconds), then stop the writer and close the connection.
         Events emitted afterwards are dropped. True when everything was written."""
         ok = self.flush(timeout)
@@ -395,13 +395,13 @@ class Emitter:
             logger.exception("progress-relay: close failed")
         return ok
 
-    def __enter__(self) -> "Emitter":
+    def __enter__(self) -> Emitter:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def stats(self) -> Dict[str, Any]:
+    def stats(self) -> dict[str, Any]:
         """Counts for this process: ``queued`` (waiting or being written), ``sent`` (written in
         full), ``dropped`` (oldest dropped from a full queue), ``invalid`` (refused by emit),
         ``rejected`` (answered as bad by the relay), ``connections`` (made so far),
@@ -451,7 +451,7 @@ class Emitter:
                 if self._stopping:
                     self._close_socket()
 
-    def _drain_inline(self, deadline: Optional[float]) -> bool:
+    def _drain_inline(self, deadline: float | None) -> bool:
         """Write on the caller's thread (no writer thread could be started, e.g. at exit)."""
         timeout = -1 if deadline is None else max(0.0, deadline - time.monotonic())
         if not self._writer_mutex.acquire(timeout=timeout):
@@ -463,7 +463,7 @@ class Emitter:
         with self._lock:
             return not (self._queue or self._inflight)
 
-    def _loop(self, deadline: Optional[float], until_empty: bool) -> None:
+    def _loop(self, deadline: float | None, until_empty: bool) -> None:
         """The writer. It returns when close() stops it, when the deadline (if any) passed, and,
         with until_empty (an inline drain), when everything is written."""
         backoff = _MIN_BACKOFF
@@ -476,15 +476,17 @@ class Emitter:
                 if not have_work:
                     if until_empty:
                         return
-                    timeout: Optional[float] = None
+                    timeout: float | None = None
                     if self._sock is not None and idle_polls < len(_IDLE_POLLS):
                         timeout = _IDLE_POLLS[idle_polls]
                     self._writer_waiting = True
                     self._work.wait(timeout)
                     self._writer_waiting = False
                     have_work = bool(self._queue or self._pending)
+                    # mypy keeps _stopping narrowed to False from the check above, but close()
+                    # sets it from another thread while this one waits.
                     if self._stopping:
-                        return
+                        return  # type: ignore[unreachable]
             self._report_drops()
             if not have_work:
                 idle_polls += 1
@@ -536,7 +538,7 @@ class Emitter:
                 self._pending_topics.append(topic)
             self._inflight = len(self._pending_ends)
 
-    def _write_pending(self, deadline: Optional[float]) -> bool:
+    def _write_pending(self, deadline: float | None) -> bool:
         """Write the batch. True when all of it was written; False when the connection failed
         (the unfinished line and what follows stay pending, for a new connection) or the writer
         must stop."""
@@ -544,7 +546,7 @@ class Emitter:
         assert sock is not None
         total = len(self._pending)
         sent = 0
-        failed: Optional[BaseException] = None
+        failed: BaseException | None = None
         with memoryview(self._pending) as view:
             while sent < total:
                 try:

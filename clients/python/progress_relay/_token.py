@@ -10,7 +10,8 @@ import hmac
 import json
 import re
 import time
-from typing import Any, Iterable, Mapping, Optional, Union
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 __all__ = ["token", "read_secret"]
 
@@ -28,7 +29,7 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
 
 
-def _seconds(ttl: Union[int, float, str, datetime.timedelta]) -> int:
+def _seconds(ttl: int | float | str | datetime.timedelta) -> int:
     if isinstance(ttl, datetime.timedelta):
         seconds = ttl.total_seconds()
     elif isinstance(ttl, str):
@@ -45,10 +46,10 @@ def _seconds(ttl: Union[int, float, str, datetime.timedelta]) -> int:
     return int(seconds)
 
 
-def token(secret: Union[str, bytes], sub: str, topics: Union[str, Iterable[str]] = (),
-          ttl: Union[int, float, str, datetime.timedelta] = 3600, *,
-          now: Optional[float] = None, claims: Optional[Mapping[str, Any]] = None,
-          aud: Optional[str] = DEFAULT_AUDIENCE) -> str:
+def token(secret: str | bytes, sub: str, topics: str | Iterable[str] = (),
+          ttl: int | float | str | datetime.timedelta = 3600, *,
+          now: float | None = None, claims: Mapping[str, Any] | None = None,
+          aud: str | None = DEFAULT_AUDIENCE) -> str:
     """An HS256 relay token for user ``sub``, granting ``topics`` (topic names or patterns such
     as ``"task:*"``), valid ``ttl`` from now: seconds, a ``timedelta``, or a string such as
     ``"90"``, ``"15m"``, ``"1h"``, ``"7d"`` (as ``progress-relay token --ttl``).
@@ -62,8 +63,8 @@ def token(secret: Union[str, bytes], sub: str, topics: Union[str, Iterable[str]]
     if not key:
         raise ValueError("the secret is empty")
     if len(key) < MIN_SECRET_BYTES:
-        raise ValueError(f"the secret is {len(key)} bytes; the relay needs at least {MIN_SECRET_BYTES} "
-                         "(make one with: head -c 32 /dev/urandom | base64)")
+        raise ValueError(f"the secret is {len(key)} bytes; the relay needs at least "
+                         f"{MIN_SECRET_BYTES} (make one with: head -c 32 /dev/urandom | base64)")
     if not isinstance(sub, str) or not sub:
         raise ValueError("sub must be a non-empty string")
     topic_list = [topics] if isinstance(topics, str) else list(topics)

@@ -28,9 +28,9 @@ Celery's ``worker_process_shutdown`` signal flushes what it still holds (at most
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, Optional
+from typing import Any
 
-from celery import Task, signals  # type: ignore[import-untyped,unused-ignore]
+from celery import Task, signals
 
 from . import _emitter, get_emitter
 from ._emitter import Emitter
@@ -42,7 +42,7 @@ logger = logging.getLogger("progress_relay")
 FLUSH_ON_SHUTDOWN = 2.0
 
 
-class ProgressTask(Task):  # type: ignore[misc,unused-ignore]
+class ProgressTask(Task):
     """Base class for tasks that publish their progress; use with ``bind=True``.
 
     Class attributes to adjust in a subclass:
@@ -60,9 +60,9 @@ class ProgressTask(Task):  # type: ignore[misc,unused-ignore]
     progress_topic_prefix: str = "task:"
     progress_complete_message: Any = "done"
     progress_include_traceback: bool = False
-    progress_emitter: Optional[Emitter] = None
+    progress_emitter: Emitter | None = None
 
-    def progress_topic(self, task_id: Optional[str] = None) -> Optional[str]:
+    def progress_topic(self, task_id: str | None = None) -> str | None:
         """The topic of this task (of the current request unless ``task_id`` is given)."""
         if task_id is None:
             try:
@@ -109,7 +109,7 @@ class ProgressTask(Task):  # type: ignore[misc,unused-ignore]
         try:
             topic = self.progress_topic(task_id)
             if topic is not None:
-                details: Dict[str, Any] = {"type": type(exc).__name__}
+                details: dict[str, Any] = {"type": type(exc).__name__}
                 if self.progress_include_traceback and einfo is not None:
                     details["traceback"] = str(getattr(einfo, "traceback", einfo))
                 self._progress_emitter().error(topic, exc, details=details)

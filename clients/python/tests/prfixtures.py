@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import contextlib
 
-import pytest
-
 import prhelpers
-import relaylib   # on sys.path through prhelpers
+import pytest
+import relaylib  # on sys.path through prhelpers
 from prhelpers import Relay
 
 __all__ = ["pytest_report_header", "pytest_runtest_makereport", "relay_factory", "relay"]

@@ -21,8 +21,9 @@ import sys
 import threading
 import time
 import urllib.parse
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable
 
 import websockets
 from websockets.asyncio.client import connect as ws_connect
@@ -37,6 +38,7 @@ if str(REPO / "Tests" / "EndToEnd") not in sys.path:
 
 import relaylib  # noqa: E402
 from relaylib import free_port, short_tmpdir, wait_until  # noqa: E402,F401  (re-exported)
+
 # The binary's path, checked: RuntimeError when it is missing or not executable.
 from relaylib import require_bin as relay_bin  # noqa: E402,F401  (re-exported)
 
@@ -48,8 +50,8 @@ class Relay(relaylib.Relay):
     with the directory (a short_tmpdir(): given to the relay's user, and removed at cleanup, like
     one of its own) and the ingest socket's path (in a directory the relay's user can write)."""
 
-    def __init__(self, *extra_args: str, directory: Optional[Path] = None,
-                 socket_path: Optional[str] = None):
+    def __init__(self, *extra_args: str, directory: Path | None = None,
+                 socket_path: str | None = None):
         super().__init__(extra_args, workdir=directory)
         if socket_path is not None:
             self.socket_path = socket_path
@@ -73,8 +75,8 @@ class Relay(relaylib.Relay):
 _SUPPORTS_PROXY = "proxy" in inspect.signature(ws_connect.__init__).parameters
 
 
-def ws_kwargs() -> Dict[str, Any]:
-    kw: Dict[str, Any] = dict(max_size=2 ** 26, max_queue=None, ping_interval=None,
+def ws_kwargs() -> dict[str, Any]:
+    kw: dict[str, Any] = dict(max_size=2 ** 26, max_queue=None, ping_interval=None,
                               open_timeout=5, close_timeout=2, compression=None)
     if _SUPPORTS_PROXY:
         kw["proxy"] = None
@@ -91,22 +93,22 @@ class Subscriber:
     hold them)."""
 
     def __init__(self, relay: Relay, topics: Iterable[str], from_start: bool = False,
-                 token: Optional[str] = None):
+                 token: str | None = None):
         self.relay = relay
         self.topics = list(topics)
         self.from_start = from_start
         # minted by the client library under test, as the tests' own tokens are
         self.token = token or progress_relay.token(relay.secret, "tester", ["*"], 3600)
-        self.events: Dict[str, List[dict]] = collections.defaultdict(list)
-        self.controls: List[dict] = []
-        self.epochs: Dict[str, str] = {}
+        self.events: dict[str, list[dict]] = collections.defaultdict(list)
+        self.controls: list[dict] = []
+        self.epochs: dict[str, str] = {}
         self.connections = 0
-        self.closes: List[Optional[int]] = []
+        self.closes: list[int | None] = []
         self._cond = threading.Condition()
         self._live: set = set()
         self._stop = False
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._error: Optional[BaseException] = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, daemon=True, name="subscriber")
         self._thread.start()
         self.wait(lambda: self._live >= set(self.topics), 10, "subscriptions")
@@ -133,7 +135,7 @@ class Subscriber:
     def _last_events(self) -> str:
         return "; ".join(f"{t}: {e[-2:]}" for t, e in self.events.items())
 
-    def wait_count(self, topic: str, n: int, timeout: float = 20) -> List[dict]:
+    def wait_count(self, topic: str, n: int, timeout: float = 20) -> list[dict]:
         self.wait(lambda: len(self.events[topic]) >= n, timeout, f"{n} events on {topic}")
         return list(self.events[topic])
 
@@ -189,9 +191,9 @@ class Subscriber:
                 await ws.close()
 
     async def _session(self, ws) -> None:
-        state: Dict[str, str] = {}
+        state: dict[str, str] = {}
         for t in self.topics:
-            msg: Dict[str, Any] = {"op": "subscribe", "topic": t}
+            msg: dict[str, Any] = {"op": "subscribe", "topic": t}
             evs = self.events[t]
             if t in self.epochs and evs:
                 msg.update(epoch=self.epochs[t], since=evs[-1]["seq"])
@@ -238,6 +240,6 @@ class Subscriber:
                 self._cond.notify_all()
 
 
-def assert_seq_contiguous(events: List[dict]) -> None:
+def assert_seq_contiguous(events: list[dict]) -> None:
     seqs = [e["seq"] for e in events]
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), f"seq not contiguous: {seqs}"

@@ -21,13 +21,10 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from prhelpers import Relay, Subscriber, short_tmpdir, wait_until
 from relaylib import _unused_id, drops_privileges
 
 celery = pytest.importorskip("celery")
-
-from test_celery import broker  # noqa: E402,F401  (the module-scoped broker fixture)
 
 pytestmark = pytest.mark.skipif(not drops_privileges(),
                                 reason="workers under other uids and groups need root (setpriv)")
@@ -64,7 +61,8 @@ def start_worker(broker_env: dict, relay, uid: int, groups: list[int], name: str
     env = {k: v for k, v in os.environ.items() if not k.startswith("PROGRESS_RELAY_")}
     env.update(broker_env)
     env.update(HOME=str(home), PRTEST_QUEUE=queue, PROGRESS_RELAY_SOCKET=relay.socket_path,
-               PYTHONPATH=os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep))
+               PYTHONPATH=os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
+               .rstrip(os.pathsep))
     group_arg = ["--groups=" + ",".join(map(str, groups))] if groups else ["--clear-groups"]
     cmd = ["setpriv", f"--reuid={uid}", f"--regid={uid}", *group_arg, "--",
            sys.executable, "-m", "celery", "-A", "celery_app", "worker", "--pool=prefork",
@@ -140,7 +138,8 @@ def test_worker_in_the_granted_group_publishes(grelay, workers, client):
     topic = f"task:{task_id}"
     sub = Subscriber(grelay, [topic])
     try:
-        value = client.send_task("prtest.count", args=[3], task_id=task_id, queue=queue).get(timeout=30)
+        result = client.send_task("prtest.count", args=[3], task_id=task_id, queue=queue)
+        value = result.get(timeout=30)
         assert value["steps"] == 3
         sub.wait_type(topic, "complete", timeout=15)
         assert [e["type"] for e in sub.events[topic]] == ["progress"] * 3 + ["complete"], \

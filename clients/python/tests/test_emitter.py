@@ -11,9 +11,9 @@ import threading
 import time
 
 import pytest
+from prhelpers import Subscriber, assert_seq_contiguous, short_tmpdir, wait_until
 
 import progress_relay
-from prhelpers import Subscriber, assert_seq_contiguous, short_tmpdir, wait_until
 
 
 def body(event: dict) -> dict:
@@ -313,7 +313,7 @@ def test_many_answers_never_block_the_emitter(relay):
     try:
         em.emit(t, n=0)
         # lines emit() would refuse, put straight into the queue: the relay rejects each one
-        for i in range(5000):
+        for _ in range(5000):
             em._enqueue(b'{"topic":"answers","seq":1}\n', t)
         em.emit(t, n=1)
         assert em.flush(20), em.stats()

@@ -13,8 +13,6 @@ import sys
 import urllib.parse
 from pathlib import Path
 
-import pytest
-
 from prhelpers import ws_connect, ws_kwargs
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples"

@@ -12,11 +12,10 @@ import time
 import urllib.parse
 
 import pytest
+from prhelpers import ws_connect, ws_kwargs
 from websockets.exceptions import ConnectionClosed
 
 import progress_relay
-from prhelpers import ws_connect, ws_kwargs
-
 
 SECRET = "s3cret-s3cret-s3cret-s3cret-s3cret"
 
@@ -129,7 +128,8 @@ def test_relay_accepts_the_token_and_its_grants(relay):
 
 def test_relay_refuses_a_token_signed_with_another_secret(relay):
     async def main():
-        ws = await _open(relay, progress_relay.token("not-the-secret-not-the-secret-00", "eve", ["*"], 60))
+        forged = progress_relay.token("not-the-secret-not-the-secret-00", "eve", ["*"], 60)
+        ws = await _open(relay, forged)
         f = await _recv(ws)
         assert f["op"] == "error" and f["code"] == "unauthorized", f
         with pytest.raises(ConnectionClosed) as exc:
