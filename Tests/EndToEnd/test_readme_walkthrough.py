@@ -198,7 +198,10 @@ def build_script(w: Walkthrough, out: Path, checkout: Path) -> str:
         "has() { [ \"$(grep -cF -- \"$2\" \"$1\")\" -ge \"$3\" ]; }",
         f"healthy() {{ alive \"$RELAY\" 'serve'; [ -S {_q(w.socket_path)} ] && curl -sf -o /dev/null "
         f"--max-time 1 {_q(health)}; }}",
-        "frames() { alive \"$1\" \"the subscriber ($2)\"; has \"$2\" \"$3\" \"$4\"; }",
+        # FILE (of subscriber PID) has N lines with STRING; a subscriber that has exited (watch
+        # does at `complete`) is judged on what it printed, which is then final
+        "frames() { if kill -0 \"$1\" 2>/dev/null; then has \"$2\" \"$3\" \"$4\"; "
+        "else has \"$2\" \"$3\" \"$4\" || fail \"the subscriber ($2) exited early\"; fi; }",
         "",
         "id >\"$OUT/id\"; grep '^Cap' /proc/self/status >>\"$OUT/id\"",
         f"cd {_q(checkout)}",
