@@ -44,15 +44,29 @@ public struct HubConfiguration: Sendable {
     /// Memory a stored frame takes besides its bytes, measured (docs/hardening.md, "Stored history").
     public static let measuredFrameOverheadBytes = 184
 
+    // The defaults, here only: `serve`'s flags show and use these (docs/protocol.md lists them).
+    /// `--history`.
+    public static let defaultHistoryLimit = 100
+    /// `--max-topics`.
+    public static let defaultMaxTopics = 100_000
+    /// `--topic-ttl`: an hour, in nanoseconds.
+    public static let defaultTopicTTL: UInt64 = 3600 * 1_000_000_000
+    /// The contract's bound on a pattern's snapshot: the newest events of at most 1000 topics.
+    public static let defaultPatternSnapshotLimit = 1000
+    /// `--max-pattern-subscriptions-total`.
+    public static let defaultMaxPatternSubscriptions = 10_000
+    /// `--max-history-bytes`: 256 MiB.
+    public static let defaultMaxHistoryBytes = 256 * 1024 * 1024
+
     public init(
-        historyLimit: Int = 100,
-        maxTopics: Int = 100_000,
-        topicTTL: UInt64 = 3600 * 1_000_000_000,
+        historyLimit: Int = HubConfiguration.defaultHistoryLimit,
+        maxTopics: Int = HubConfiguration.defaultMaxTopics,
+        topicTTL: UInt64 = HubConfiguration.defaultTopicTTL,
         loopCount: Int = 1,
-        patternSnapshotLimit: Int = 1000,
-        maxPatternSubscriptions: Int = 10_000,
+        patternSnapshotLimit: Int = HubConfiguration.defaultPatternSnapshotLimit,
+        maxPatternSubscriptions: Int = HubConfiguration.defaultMaxPatternSubscriptions,
         sequencing: HubSequencing = .local,
-        maxHistoryBytes: Int = 268_435_456,
+        maxHistoryBytes: Int = HubConfiguration.defaultMaxHistoryBytes,
         topicOverheadBytes: Int = HubConfiguration.measuredTopicOverheadBytes,
         frameOverheadBytes: Int = HubConfiguration.measuredFrameOverheadBytes
     ) {
@@ -119,6 +133,19 @@ public struct Subscription: Sendable {
     /// `frames` as SSE, for an event-stream subscriber only (built per subscription: a replay is
     /// one subscriber's, and history keeps WebSocket frames alone).
     public var streamFrames: [ByteBuffer] = []
+
+    /// An answer as the hub builds it; public so that a fake hub (tests, the fuzz harness) can answer too.
+    public init(
+        epoch: String?, seq: UInt64, recovered: Bool, frames: [ByteBuffer], refused: Bool = false,
+        streamFrames: [ByteBuffer] = []
+    ) {
+        self.epoch = epoch
+        self.seq = seq
+        self.recovered = recovered
+        self.frames = frames
+        self.refused = refused
+        self.streamFrames = streamFrames
+    }
 }
 
 /// Counts for `/stats` and metrics.

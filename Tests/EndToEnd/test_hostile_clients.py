@@ -14,8 +14,8 @@ from relaylib import RawWS, run_cli
 from test_protocol_errors import CLOSE, CONT, PING, PONG, TEXT, expect_close_code, raw
 
 RESERVED_CODES = (1005, 1006, 1015)   # RFC 6455 7.4.1: for reporting only, never sent
-MIN_FRAGMENT = 16                      # FragmentAssembler.minimumFragmentBytes
-MAX_FRAGMENTS = 128                    # FragmentAssembler.maxFragments
+MIN_FRAGMENT = 16                      # SubscriberPipeline.minimumFragmentBytes
+MAX_FRAGMENTS = 128                    # SubscriberPipeline.maxFragments
 BURST = 200                            # OperationRate.burst
 
 

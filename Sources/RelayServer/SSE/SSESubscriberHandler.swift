@@ -15,7 +15,7 @@ import RelayHub
 
 /// What every SSE stream shares.
 struct SSEEnvironment: Sendable {
-    let driver: HubDriver
+    let driver: any SubscriberHub
     let metrics: RelayMetrics
     let maxOutboundBytes: Int
     /// `--max-pattern-subscriptions`: 0 forbids pattern streams.
@@ -48,9 +48,8 @@ final class SSESubscriberHandler: ChannelInboundHandler {
     private var started = false
     private(set) var closing = false
     private var subscribed = false
-    private var writable = true
-    private var replayOutstanding = 0
-    var flushPending = false
+    /// The slow-subscriber bound and the replay it does not count, as on WebSocket.
+    private var outbound: SubscriberOutbound
 
     init(
         environment: SSEEnvironment, principal: Principal, topic: String, resume: ResumePoint?,
@@ -61,19 +60,17 @@ final class SSESubscriberHandler: ChannelInboundHandler {
         self.topic = topic
         self.resume = resume
         self.extraHeaders = extraHeaders
-        self.expiresAt = principal.validUntil.map { until in
-            // Monotonic, from now, as WebSocket sessions: a wall-clock step ends no stream early.
-            let seconds = min(max(0, until - Date().timeIntervalSince1970), 315_360_000)
-            return .now() + .nanoseconds(Int64(seconds * 1e9))
-        }
+        self.outbound = SubscriberOutbound(maxOutboundBytes: environment.maxOutboundBytes)
+        // Monotonic, from now, as WebSocket sessions: a wall-clock step ends no stream early.
+        self.expiresAt = SubscriberSession.deadline(principal, clock: .now())
     }
 
     var closeFuture: EventLoopFuture<Void>? { context?.channel.closeFuture }
 
     func handlerAdded(context: ChannelHandlerContext) {
         self.context = context
-        writable = context.channel.isWritable
-        let registry = environment.driver.registry(on: environment.driver.loopIndex(of: context.eventLoop))
+        outbound.writable = context.channel.isWritable
+        let registry = environment.driver.registry(on: context.eventLoop)
         self.registry = registry
         id = registry.register(stream: self, pattern: TopicName.patternPrefix(topic) != nil)
         environment.metrics.eventStreamConnected(1)
@@ -94,7 +91,7 @@ final class SSESubscriberHandler: ChannelInboundHandler {
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {}
 
     func channelWritabilityChanged(context: ChannelHandlerContext) {
-        writable = context.channel.isWritable
+        outbound.writable = context.channel.isWritable
         context.fireChannelWritabilityChanged()
     }
 
@@ -133,18 +130,14 @@ final class SSESubscriberHandler: ChannelInboundHandler {
         // (`E:0` for a topic with no event yet); otherwise the events that follow carry it.
         let id = subscription.streamFrames.isEmpty ? subscription.epoch.map { SSEText.id(topic: nil, epoch: $0, seq: subscription.seq) } : nil
         let answer = SSEText.event(name: "subscribed", id: id, json: json)
-        guard let last = subscription.streamFrames.last else {
+        guard !subscription.streamFrames.isEmpty else {
             context.writeAndFlush(wrapOutboundOut(answer), promise: nil)
             return
         }
         context.write(wrapOutboundOut(answer), promise: nil)
         // Replay and snapshots do not count against the outbound bound, as on WebSocket.
-        let bytes = subscription.streamFrames.reduce(0) { $0 + $1.readableBytes }
-        replayOutstanding += bytes
-        for frame in subscription.streamFrames.dropLast() { context.write(wrapOutboundOut(frame), promise: nil) }
-        let promise = context.eventLoop.makePromise(of: Void.self)
-        context.writeAndFlush(wrapOutboundOut(last), promise: promise)
-        promise.futureResult.assumeIsolated().whenComplete { _ in self.replayOutstanding -= bytes }
+        let bytes = outbound.replayStarted(subscription.streamFrames)
+        SubscriberOutbound.writeReplay(subscription.streamFrames, context: context) { self.outbound.replayWritten(bytes) }
     }
 
     /// A stream holds its one subscription for its whole life; nothing unsubscribes it but its end.
@@ -160,15 +153,13 @@ final class SSESubscriberHandler: ChannelInboundHandler {
     }
 
     func flushDelivered() {
-        flushPending = false
         guard let context, !closing else { return }
         context.flush()
-        guard !writable else { return }
-        let buffered = (try? context.channel.syncOptions?.getOption(ChannelOptions.bufferedWritableBytes)) ?? 0
-        if buffered - replayOutstanding > environment.maxOutboundBytes {
+        if outbound.isOverBound(context) {
             // Cut without a last event: the client is behind; its reconnect resumes with Last-Event-ID.
             environment.metrics.slowSubscriberClosed()
-            environment.logger.info("slow sse subscriber cut off", metadata: ["id": "\(id)", "owed": "\(buffered)"])
+            environment.logger.info(
+                "slow sse subscriber cut off", metadata: ["id": "\(id)", "owed": "\(outbound.owed(context))"])
             closeNow()
         }
     }

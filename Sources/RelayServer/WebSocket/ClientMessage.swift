@@ -6,13 +6,15 @@
 import Foundation
 import RelayHub
 
-enum ClientMessage: Equatable {
+/// A subscriber's request. `@_spi(Fuzzing)` public only so that the fuzz checks (FuzzChecks,
+/// Fuzz/) can call `parse`; not part of the package's API.
+@_spi(Fuzzing) public enum ClientMessage: Equatable, Sendable {
     case subscribe(topic: String, resume: ResumePoint?)
     case unsubscribe(topic: String)
     case refresh(token: String)
     case ping
 
-    enum ParseError: Error, Equatable {
+    public enum ParseError: Error, Equatable, Sendable {
         case badRequest(String)
         case unknownOp(String)
     }
@@ -48,8 +50,15 @@ enum ClientMessage: Equatable {
         }
     }
 
-    static func parse(_ bytes: [UInt8]) -> Result<ClientMessage, ParseError> {
+    /// Parses one text message: an op, or why it is refused (`bad_request`, `unknown_op`).
+    public static func parse(_ bytes: [UInt8]) -> Result<ClientMessage, ParseError> {
         if bytes == Array("ping".utf8) { return .success(.ping) }
+        // JSONDecoder does not look at what it skips: a raw control character, `\q`, `01` or a
+        // trailing comma in a field it ignores passed (found by FuzzClientFrame). Such a message is
+        // not JSON, so the syntax is checked strictly first, by the ingest line's parser.
+        if case .failure(let error) = IngestLineParser.parse(bytes), error == .invalidJSON || error == .invalidUTF8 {
+            return .failure(.badRequest("not JSON"))
+        }
         let fields: Fields
         do {
             fields = try JSONDecoder().decode(Fields.self, from: Data(bytes))

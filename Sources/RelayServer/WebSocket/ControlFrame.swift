@@ -75,7 +75,9 @@ enum ControlFrame {
     }
 
     static func close(_ code: CloseCode, reason: String = "") -> ByteBuffer {
-        let reasonBytes = Array(reason.utf8.prefix(123))
+        // A control frame carries at most 125 bytes; cut between characters, so the reason stays UTF-8.
+        var reasonBytes = Array(reason.utf8.prefix(123))
+        while String(validating: reasonBytes, as: UTF8.self) == nil { reasonBytes.removeLast() }
         var buffer = ByteBuffer()
         WebSocketText.writeHeader(opcode: 0x8, payloadLength: 2 + reasonBytes.count, into: &buffer)
         buffer.writeInteger(code.rawValue)

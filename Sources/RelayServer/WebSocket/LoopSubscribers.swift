@@ -1,9 +1,12 @@
 // LoopSubscribers: the subscriber connections that live on one event loop.
 //
 // Fan-out arrives here once per batch per loop and is written to each
-// connection with no further hop. One timer per loop walks its connections
-// for token expiry and heartbeats, instead of a timer per connection; both
-// on the monotonic clock, so a wall-clock step does not close everyone at once.
+// connection with no further hop. Which connections were written to and
+// wait for the batch's flush is kept here, not in the connections: they
+// are told `deliver` and `flushDelivered`, and nothing of theirs is set
+// from outside. One timer per loop walks its connections for token expiry
+// and heartbeats, instead of a timer per connection; both on the monotonic
+// clock, so a wall-clock step does not close everyone at once.
 
 import Foundation
 import NIOCore
@@ -13,9 +16,9 @@ final class LoopSubscribers {
     let loopIndex: Int
     private let eventLoop: any EventLoop
     private let pingInterval: TimeAmount
-    private var connections: [UInt64: SubscriberHandler] = [:]
+    private var connections: [UInt64: Slot<SubscriberSessionHandler>] = [:]
     /// SSE connections (`GET /sse`), keyed by their serial with `SubscriberID.eventStreamBit`.
-    private var streams: [UInt64: SSESubscriberHandler] = [:]
+    private var streams: [UInt64: Slot<SSESubscriberHandler>] = [:]
     private var nextSerial: UInt64 = 0
     private var nextPing: NIODeadline
     private var timer: RepeatedTask?
@@ -27,9 +30,19 @@ final class LoopSubscribers {
         self.nextPing = .now() + pingInterval
     }
 
-    func register(_ connection: SubscriberHandler) -> SubscriberID {
+    /// A connection, and whether a fan-out batch wrote to it and has not flushed it yet.
+    private final class Slot<Connection: AnyObject> {
+        let connection: Connection
+        var awaitingFlush = false
+
+        init(_ connection: Connection) {
+            self.connection = connection
+        }
+    }
+
+    func register(_ connection: SubscriberSessionHandler) -> SubscriberID {
         nextSerial += 1
-        connections[nextSerial] = connection
+        connections[nextSerial] = Slot(connection)
         if timer == nil { startTimer() }
         return SubscriberID(loop: loopIndex, serial: nextSerial)
     }
@@ -38,7 +51,7 @@ final class LoopSubscribers {
     func register(stream: SSESubscriberHandler, pattern: Bool) -> SubscriberID {
         nextSerial += 1
         let serial = nextSerial | SubscriberID.eventStreamBit | (pattern ? SubscriberID.patternStreamBit : 0)
-        streams[serial] = stream
+        streams[serial] = Slot(stream)
         if timer == nil { startTimer() }
         return SubscriberID(loop: loopIndex, serial: serial)
     }
@@ -52,8 +65,8 @@ final class LoopSubscribers {
     }
 
     /// Connections written to since the last flush, and the batches waiting for that flush.
-    private var touched: [SubscriberHandler] = []
-    private var touchedStreams: [SSESubscriberHandler] = []
+    private var touched: [Slot<SubscriberSessionHandler>] = []
+    private var touchedStreams: [Slot<SSESubscriberHandler>] = []
     private var waitingForFlush: [@Sendable () -> Void] = []
     private var flushScheduled = false
 
@@ -80,22 +93,22 @@ final class LoopSubscribers {
     private func write(_ plan: LoopPlan, _ range: Range<Int>, to id: SubscriberID) {
         if id.isEventStream { return writeStream(plan, range, to: id) }
         let frames = plan.frames
-        guard let connection = connections[id.serial] else { return }
-        connection.deliver(frames, range)
-        if !connection.flushPending {
-            connection.flushPending = true
-            touched.append(connection)
+        guard let slot = connections[id.serial] else { return }
+        slot.connection.deliver(frames, range)
+        if !slot.awaitingFlush {
+            slot.awaitingFlush = true
+            touched.append(slot)
         }
     }
 
     /// The SSE forms the hub built for this plan (a frame without one, such as a control frame
     /// meant for WebSocket subscribers only, is skipped).
     private func writeStream(_ plan: LoopPlan, _ range: Range<Int>, to id: SubscriberID) {
-        guard let stream = streams[id.serial], !plan.streamFrames.isEmpty else { return }
-        stream.deliver(plan.streamFrames, range, for: id)
-        if !stream.flushPending {
-            stream.flushPending = true
-            touchedStreams.append(stream)
+        guard let slot = streams[id.serial], !plan.streamFrames.isEmpty else { return }
+        slot.connection.deliver(plan.streamFrames, range, for: id)
+        if !slot.awaitingFlush {
+            slot.awaitingFlush = true
+            touchedStreams.append(slot)
         }
     }
 
@@ -103,31 +116,37 @@ final class LoopSubscribers {
         flushScheduled = false
         let connections = touched
         touched = []
-        for connection in connections { connection.flushDelivered() }
+        for slot in connections {
+            slot.awaitingFlush = false
+            slot.connection.flushDelivered()
+        }
         let streams = touchedStreams
         touchedStreams = []
-        for stream in streams { stream.flushDelivered() }
+        for slot in streams {
+            slot.awaitingFlush = false
+            slot.connection.flushDelivered()
+        }
         let waiting = waitingForFlush
         waitingForFlush = []
         for done in waiting { done() }
     }
 
     func subscribed(_ id: SubscriberID, to topic: String, _ subscription: Subscription) {
-        if id.isEventStream { return streams[id.serial]?.subscribed(to: topic, subscription) ?? () }
-        connections[id.serial]?.subscribed(to: topic, subscription)
+        if id.isEventStream { return streams[id.serial]?.connection.subscribed(to: topic, subscription) ?? () }
+        connections[id.serial]?.connection.subscribed(to: topic, subscription)
     }
 
     func unsubscribed(_ id: SubscriberID, from topic: String, reason: String?) {
-        if id.isEventStream { return streams[id.serial]?.unsubscribed(from: topic, reason: reason) ?? () }
-        connections[id.serial]?.unsubscribed(from: topic, reason: reason)
+        if id.isEventStream { return streams[id.serial]?.connection.unsubscribed(from: topic, reason: reason) ?? () }
+        connections[id.serial]?.connection.unsubscribed(from: topic, reason: reason)
     }
 
     /// Closes every connection with `code`; the future completes when they are all closed.
     func closeAll(_ code: CloseCode) -> EventLoopFuture<Void> {
-        let closed = connections.values.map { connection -> EventLoopFuture<Void> in
+        let closed = connections.values.map(\.connection).map { connection -> EventLoopFuture<Void> in
             connection.close(code)
             return connection.closeFuture ?? eventLoop.makeSucceededVoidFuture()
-        } + streams.values.map { stream -> EventLoopFuture<Void> in
+        } + streams.values.map(\.connection).map { stream -> EventLoopFuture<Void> in
             stream.shutDown()
             return stream.closeFuture ?? eventLoop.makeSucceededVoidFuture()
         }
@@ -136,11 +155,11 @@ final class LoopSubscribers {
 
     /// Closes every connection now, without a close handshake; for the end of shutdown.
     func closeAllNow() -> EventLoopFuture<Void> {
-        let closed = connections.values.compactMap { connection -> EventLoopFuture<Void>? in
+        let closed = connections.values.map(\.connection).compactMap { connection -> EventLoopFuture<Void>? in
             guard let future = connection.closeFuture else { return nil }
             connection.closeNow()
             return future
-        } + streams.values.compactMap { stream -> EventLoopFuture<Void>? in
+        } + streams.values.map(\.connection).compactMap { stream -> EventLoopFuture<Void>? in
             guard let future = stream.closeFuture else { return nil }
             stream.closeNow()
             return future
@@ -161,11 +180,11 @@ final class LoopSubscribers {
         let ping = now >= nextPing
         if ping { nextPing = now + pingInterval }
         let deadAfter = TimeAmount.nanoseconds(pingInterval.nanoseconds * 2)
-        for connection in Array(connections.values) {
-            connection.tick(now: now, sendPing: ping, deadAfter: deadAfter)
+        for slot in Array(connections.values) {
+            slot.connection.tick(now: now, sendPing: ping, deadAfter: deadAfter)
         }
-        for stream in Array(streams.values) {
-            stream.tick(now: now, sendPing: ping)
+        for slot in Array(streams.values) {
+            slot.connection.tick(now: now, sendPing: ping)
         }
     }
 
