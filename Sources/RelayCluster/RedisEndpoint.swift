@@ -6,6 +6,8 @@
 // the expected shape, and so that a password never appears in an error or a log
 // line (descriptions show it as `***`).
 
+import RelayHub
+
 /// Where to reach Redis, and how to log in: the parsed value of `--redis`.
 public struct RedisEndpoint: Sendable, Hashable, CustomStringConvertible {
     /// How to reach the server.
@@ -97,8 +99,8 @@ public struct RedisEndpoint: Sendable, Hashable, CustomStringConvertible {
                 throw fail("a user name needs a password (user:password@), or give only a password (:password@)")
             }
             let user = userInfo[..<colon]
-            guard let decodedUser = Self.percentDecoded(user),
-                let decodedPassword = Self.percentDecoded(userInfo[userInfo.index(after: colon)...])
+            guard let decodedUser = PercentDecoding.decode(user),
+                let decodedPassword = PercentDecoding.decode(userInfo[userInfo.index(after: colon)...])
             else {
                 throw fail("bad %-escape in the user or password")
             }
@@ -156,33 +158,6 @@ public struct RedisEndpoint: Sendable, Hashable, CustomStringConvertible {
             text += ":\(port)"
             if self.database != 0 { text += "/\(self.database)" }
             return text
-        }
-    }
-
-    /// Decodes `%XX` escapes; nil when an escape is malformed or the result is not UTF-8.
-    private static func percentDecoded(_ text: Substring) -> String? {
-        guard text.contains("%") else { return String(text) }
-        var bytes: [UInt8] = []
-        var iterator = text.utf8.makeIterator()
-        while let byte = iterator.next() {
-            guard byte == UInt8(ascii: "%") else {
-                bytes.append(byte)
-                continue
-            }
-            guard let high = iterator.next().flatMap(hexValue), let low = iterator.next().flatMap(hexValue) else {
-                return nil
-            }
-            bytes.append(high << 4 | low)
-        }
-        return String(validating: bytes, as: UTF8.self)
-    }
-
-    private static func hexValue(_ byte: UInt8) -> UInt8? {
-        switch byte {
-        case UInt8(ascii: "0")...UInt8(ascii: "9"): return byte - UInt8(ascii: "0")
-        case UInt8(ascii: "a")...UInt8(ascii: "f"): return byte - UInt8(ascii: "a") + 10
-        case UInt8(ascii: "A")...UInt8(ascii: "F"): return byte - UInt8(ascii: "A") + 10
-        default: return nil
         }
     }
 }

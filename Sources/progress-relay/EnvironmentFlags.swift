@@ -8,9 +8,12 @@
 import Foundation
 
 enum EnvironmentFlags {
-    private enum Kind { case single, repeatable, toggle }
+    /// How a variable becomes flags: one value, a list (one flag per item), or an on/off switch.
+    enum Kind { case single, repeatable, toggle }
 
-    private static let flags: [String: [(name: String, kind: Kind)]] = [
+    /// The flags of each subcommand that a variable may give; ProgressRelayCommandTests checks
+    /// this table against the commands' own flags, so that neither drifts from the other.
+    static let flags: [String: [(name: String, kind: Kind)]] = [
         "serve": [
             ("socket", .single), ("socket-mode", .single), ("listen", .single), ("jwt-secret-file", .repeatable),
             ("jwt-public-key-file", .repeatable), ("jwt-kid", .repeatable), ("jwt-audience", .single), ("jwt-issuer", .single),

@@ -174,3 +174,37 @@ async def test_metrics_move_with_traffic(relay):
                            what="the topics gauge to count the topic")
     assert histogram_count(after) >= histogram_count(before) + 1, "delay histogram"
     await ws.close()
+
+
+MALFORMED_QUERY = {"error": "bad_request", "message": "malformed percent-escape in the query"}
+
+
+@pytest.mark.parametrize("path", [
+    "/ws?topic=%zz", "/ws?topic=task%4", "/ws?token=abc%", "/ws?topic=%FF",
+    "/sse?topic=task%3A1&since=1%", "/sse?topic=%C3", "/sse?%zz=1",
+    "/topics/task%3A1?token=%zz", "/topics/task%3A1/events?since=%4",
+])
+def test_a_malformed_percent_escape_in_the_query_is_400(relay, path):
+    """A `%` without two hex digits, or escapes that are not UTF-8, are refused, not dropped:
+    otherwise `?topic=a%zzb` would be a topic the client never named."""
+    token = relay.token(topics=["*"])
+    status, headers, body = relay.http_full(path, headers={"Authorization": f"Bearer {token}"})
+    assert status == 400, (path, status, body)
+    assert headers["content-type"] == "application/json"
+    assert json.loads(body) == MALFORMED_QUERY
+
+
+def test_a_malformed_percent_escape_is_not_upgraded(relay):
+    """The WebSocket handshake itself is refused with the same 400, not answered with 101."""
+    handshake = {
+        "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    }
+    status, _, body = relay.http_full(
+        "/ws?topic=task%3A1&token=" + relay.token(topics=["*"]) + "&x=%g1", headers=handshake)
+    assert status == 400
+    assert json.loads(body) == MALFORMED_QUERY
+    # the same URL well-formed is upgraded
+    status, _, _ = relay.http_full(
+        "/ws?topic=task%3A1&token=" + relay.token(topics=["*"]) + "&x=%41", headers=handshake)
+    assert status == 101

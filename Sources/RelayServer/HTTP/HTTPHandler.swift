@@ -6,44 +6,40 @@ import Logging
 import NIOCore
 import NIOHTTP1
 import RelayAuth
+import RelayHub
 
 /// A request target split into path and query items.
 struct RequestTarget {
     var path: String
-    var query: [(name: String, value: String)]
+    /// The query's items, percent-decoded (`+` is a space); nil when one holds a malformed escape
+    /// (PercentDecoding.swift). The routes that read a query (`/ws`, `/sse`, `/topics/`) answer
+    /// that with 400 before reading any item, so `values` never silently misses one.
+    var query: [(name: String, value: String)]?
 
     init(_ uri: String) {
         let parts = uri.split(separator: "?", maxSplits: 1, omittingEmptySubsequences: false)
         path = String(parts.first ?? "")
         query = []
         guard parts.count == 2 else { return }
+        var items: [(name: String, value: String)] = []
         for item in parts[1].split(separator: "&") {
             let pair = item.split(separator: "=", maxSplits: 1, omittingEmptySubsequences: false)
-            let name = Self.percentDecoded(pair[0])
-            let value = pair.count > 1 ? Self.percentDecoded(pair[1]) : ""
-            query.append((name, value))
-        }
-    }
-
-    func values(_ name: String) -> [String] { query.filter { $0.name == name }.map(\.value) }
-
-    static func percentDecoded(_ text: Substring) -> String {
-        var bytes = [UInt8]()
-        var iterator = Array(text.utf8).makeIterator()
-        while let byte = iterator.next() {
-            switch byte {
-            case UInt8(ascii: "+"): bytes.append(UInt8(ascii: " "))
-            case UInt8(ascii: "%"):
-                if let high = iterator.next(), let low = iterator.next(),
-                    let value = UInt8(String(decoding: [high, low], as: UTF8.self), radix: 16)
-                {
-                    bytes.append(value)
-                }
-            default: bytes.append(byte)
+            guard let name = PercentDecoding.decode(pair[0], plusAsSpace: true),
+                let value = pair.count > 1 ? PercentDecoding.decode(pair[1], plusAsSpace: true) : ""
+            else {
+                query = nil
+                return
             }
+            items.append((name, value))
         }
-        return String(decoding: bytes, as: UTF8.self)
+        query = items
     }
+
+    /// The values of every `name=` item, in order; none when the query is malformed.
+    func values(_ name: String) -> [String] { (query ?? []).filter { $0.name == name }.map(\.value) }
+
+    /// What a route that reads the query answers when `query` is nil.
+    static let malformedQueryMessage = "malformed percent-escape in the query"
 }
 
 /// The live page and the browser client, embedded in the binary (no CDN, no files to install).
@@ -144,6 +140,12 @@ final class HTTPHandler: ChannelInboundHandler, RemovableChannelHandler {
             return TopicRoutes.serve(head, routes: routes, longPoll: longPoll, edge: edge, context: context)
         }
         if target.path == "/ws" {
+            // Refused before its ticket is read: the ticket stays usable, as after an edge refusal.
+            guard target.query != nil else {
+                return respond(
+                    head, .badRequest, Self.errorJSON("bad_request", RequestTarget.malformedQueryMessage),
+                    contentType: "application/json", context: context)
+            }
             // Whatever the answer, a ticket in this URL is now used.
             _ = routes.redeemTicket(head)
         }

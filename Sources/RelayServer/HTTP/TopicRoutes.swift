@@ -48,18 +48,21 @@ enum TopicRoutes {
                 .methodNotAllowed, "method_not_allowed", "only GET", extra: [("Allow", "GET, HEAD, OPTIONS")],
                 context: context)
         }
+        guard target.query != nil else {
+            return writer.error(.badRequest, "bad_request", RequestTarget.malformedQueryMessage, context: context)
+        }
 
         // A topic may hold `/`: in the path it is `%2F`, so a raw `/` only separates `events`.
         let segments = target.path.dropFirst("/topics/".count).split(separator: "/", omittingEmptySubsequences: false)
         let route: Route
         switch segments.count {
         case 1 where !segments[0].isEmpty:
-            guard let topic = strictlyDecoded(segments[0]) else {
+            guard let topic = PercentDecoding.decode(segments[0]) else {
                 return writer.error(.badRequest, "bad_request", "malformed percent-escape in the topic", context: context)
             }
             route = .latest(topic)
         case 2 where !segments[0].isEmpty && segments[1] == "events":
-            guard let topic = strictlyDecoded(segments[0]) else {
+            guard let topic = PercentDecoding.decode(segments[0]) else {
                 return writer.error(.badRequest, "bad_request", "malformed percent-escape in the topic", context: context)
             }
             route = .events(topic)
@@ -132,35 +135,6 @@ enum TopicRoutes {
                     writer.events(topic, resume: resume, answer, context: context)
                 }
             }
-        }
-    }
-
-    /// Percent-decodes a path segment; nil for a `%` not followed by two hex digits. `+` is itself.
-    static func strictlyDecoded(_ text: Substring) -> String? {
-        var bytes = [UInt8]()
-        let input = Array(text.utf8)
-        var index = 0
-        while index < input.count {
-            let byte = input[index]
-            if byte == UInt8(ascii: "%") {
-                guard index + 2 < input.count, let high = hexValue(input[index + 1]), let low = hexValue(input[index + 2])
-                else { return nil }
-                bytes.append(high << 4 | low)
-                index += 3
-            } else {
-                bytes.append(byte)
-                index += 1
-            }
-        }
-        return String(validating: bytes, as: UTF8.self)
-    }
-
-    private static func hexValue(_ byte: UInt8) -> UInt8? {
-        switch byte {
-        case UInt8(ascii: "0")...UInt8(ascii: "9"): return byte - UInt8(ascii: "0")
-        case UInt8(ascii: "a")...UInt8(ascii: "f"): return byte - UInt8(ascii: "a") + 10
-        case UInt8(ascii: "A")...UInt8(ascii: "F"): return byte - UInt8(ascii: "A") + 10
-        default: return nil
         }
     }
 

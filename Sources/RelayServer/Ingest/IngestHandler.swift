@@ -25,7 +25,8 @@ import RelayHub
 
 /// What every ingest connection shares.
 struct IngestEnvironment: Sendable {
-    let driver: HubDriver
+    /// Where a read's good lines go: `HubDriver.publish` in the relay, a fake hub in tests.
+    let publish: IngestPublish
     let metrics: RelayMetrics
     let maxEventBytes: Int
     let logger: Logger
@@ -49,6 +50,8 @@ final class IngestHandler: ChannelDuplexHandler {
 
     /// The unfinished line of the previous read.
     private var partial: ByteBuffer?
+    /// Bytes held from one read to the next (the unfinished line), for the tests of its bound.
+    var bufferedBytes: Int { partial?.readableBytes ?? 0 }
     /// Inside a line already rejected as too long: skip up to its newline.
     private var skippingLongLine = false
     private var lineNumber = 0
@@ -165,7 +168,7 @@ final class IngestHandler: ChannelDuplexHandler {
             metadata: ["reason": "\(reason)", "pid": "\(peer.pid)", "uid": "\(peer.uid)"])
         guard context.channel.isActive, peer.descriptor >= 0 else { return }
         // On the channel's loop, an active channel still owns its descriptor.
-        _ = shutdown(peer.descriptor, Int32(SHUT_RD))
+        try? SystemCalls.shutdown(peer.descriptor, SHUT_RD)
     }
 
     // MARK: Lines
@@ -298,7 +301,7 @@ final class IngestHandler: ChannelDuplexHandler {
         environment.budget.value.take(bytes)
         let loop = context.eventLoop
         let budget = environment.budget
-        let pause = environment.driver.publish(events, readAt: readAt) {
+        let pause = environment.publish(events, readAt) {
             loop.execute { budget.value.give(bytes) }
         }
         if let pause { budget.value.block(until: pause) }

@@ -34,6 +34,11 @@ enum SSERoute {
                 head, .methodNotAllowed, "method_not_allowed", "GET only", cors: cors + [("Allow", "GET")], edge: edge,
                 context: context)
         }
+        guard target.query != nil else {
+            return refuse(
+                head, .badRequest, "bad_request", RequestTarget.malformedQueryMessage, cors: cors, edge: edge,
+                context: context)
+        }
         let topics = target.values("topic")
         guard topics.count == 1, let topic = topics.first else {
             return refuse(
