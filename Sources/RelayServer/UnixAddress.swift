@@ -7,13 +7,13 @@
 import Glibc
 #endif
 
-struct UnixAddress: Sendable {
+package struct UnixAddress: Sendable {
     private var address = sockaddr_un()
-    let length: socklen_t
+    package let length: socklen_t
 
     /// `path` as a socket address, nil when it does not fit. With `allowingAbstract`, a leading `@`
     /// names an abstract address (Linux), as `$NOTIFY_SOCKET` may.
-    init?(_ path: String, allowingAbstract: Bool = false) {
+    package init?(_ path: String, allowingAbstract: Bool = false) {
         var bytes = Array(path.utf8)
         let abstract = allowingAbstract && bytes.first == UInt8(ascii: "@")
         if abstract { bytes[0] = 0 }
@@ -25,7 +25,7 @@ struct UnixAddress: Sendable {
         length = socklen_t(MemoryLayout<sa_family_t>.size + bytes.count)
     }
 
-    func withSocketAddress<Result>(_ body: (UnsafePointer<sockaddr>, socklen_t) throws -> Result) rethrows -> Result {
+    package func withSocketAddress<Result>(_ body: (UnsafePointer<sockaddr>, socklen_t) throws -> Result) rethrows -> Result {
         try withUnsafePointer(to: address) { pointer in
             try pointer.withMemoryRebound(to: sockaddr.self, capacity: 1) { try body($0, length) }
         }

@@ -20,9 +20,11 @@ enum DevMode {
         return Array(hex.utf8)
     }
 
-    /// `/run/progress.sock` when this user may create it (root), else a path of this user's own.
+    /// `serve`'s default socket when this user may create it (root), else a path of this user's own.
     static func socketPath() -> String {
-        if access("/run", W_OK) == 0 { return "/run/progress.sock" }
+        let standard = RelayConfiguration.defaultSocketPath
+        let directory = String(standard[..<(standard.lastIndex(of: "/") ?? standard.startIndex)])
+        if access(directory, W_OK) == 0 { return standard }
         return ownPath("progress-relay.sock")
     }
 
@@ -33,9 +35,8 @@ enum DevMode {
     static func ownPath(_ name: String) -> String {
         let environment = ProcessInfo.processInfo.environment
         if let runtime = environment["XDG_RUNTIME_DIR"], !runtime.isEmpty {
-            var status = stat()
-            if stat(runtime, &status) == 0, (status.st_mode & S_IFMT) == S_IFDIR, status.st_uid == getuid(),
-                access(runtime, W_OK) == 0
+            if let status = try? SystemCalls.stat(runtime), (status.st_mode & S_IFMT) == S_IFDIR,
+                status.st_uid == getuid(), access(runtime, W_OK) == 0
             {
                 return runtime + "/" + name
             }
@@ -48,17 +49,23 @@ enum DevMode {
     /// Writes `secret` to `path`, mode 0600, replacing only a regular file of this user's own:
     /// never through a symbolic link, never into another user's file. Returns why it could not.
     static func writeSecret(_ secret: [UInt8], to path: String) -> String? {
-        var status = stat()
-        if lstat(path, &status) == 0 {
+        if let status = try? SystemCalls.lstat(path) {
             guard (status.st_mode & S_IFMT) == S_IFREG, status.st_uid == getuid() else {
                 return "\(path) exists and is not a file of this user's (uid \(getuid()))"
             }
-            guard unlink(path) == 0 else { return "\(path): cannot replace it: \(String(cString: strerror(errno)))" }
+            do {
+                try SystemCalls.unlink(path)
+            } catch {
+                return "\(path): cannot replace it: \(error.reason)"
+            }
         }
-        let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0o600)
-        guard fd >= 0 else { return "\(path): \(String(cString: strerror(errno)))" }
-        defer { close(fd) }
-        guard writeAll(fd, secret) else { return "\(path): \(String(cString: strerror(errno)))" }
+        do {
+            let fd = try SystemCalls.open(path, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW, mode: 0o600)
+            defer { SystemCalls.close(fd) }
+            try SystemCalls.writeAll(fd, secret, .path(path))
+        } catch {
+            return "\(path): \(error.reason)"
+        }
         return nil
     }
 
@@ -68,7 +75,7 @@ enum DevMode {
         let token = try await TokenMinter.hs256(secret: secret, subject: "dev", topics: ["*"], ttl: 86400)
         let secretPath = secretPath()
         let secretProblem = writeSecret(secret, to: secretPath)
-        let port = relay.httpAddress.port ?? 8765
+        let port = relay.httpAddress.port ?? relay.configuration.listenPort
         var host = relay.configuration.listenHost
         if host.contains(":") { host = "[\(host)]" }
         let base = "\(host):\(port)"
@@ -95,26 +102,16 @@ enum DevMode {
 
             """
         // Straight to the descriptor: nothing waits in a buffer, terminal or not.
-        if !writeAll(STDOUT_FILENO, Array(text.utf8)) {
-            let reason = String(cString: strerror(errno))
-            _ = writeAll(STDERR_FILENO, Array("progress-relay: could not print the --dev banner: \(reason)\n".utf8))
+        // SIGPIPE is ignored by `serve`, so a closed pipe is EPIPE here.
+        do {
+            try SystemCalls.writeAll(STDOUT_FILENO, Array(text.utf8))
+        } catch {
+            try? SystemCalls.writeAll(
+                STDERR_FILENO, Array("progress-relay: could not print the --dev banner: \(error.reason)\n".utf8))
         }
         if let secretProblem {
-            _ = writeAll(STDERR_FILENO, Array("progress-relay: --dev: could not write the secret: \(secretProblem)\n".utf8))
+            try? SystemCalls.writeAll(
+                STDERR_FILENO, Array("progress-relay: --dev: could not write the secret: \(secretProblem)\n".utf8))
         }
-    }
-
-    /// Writes every byte (SIGPIPE is ignored by `serve`, so a closed pipe is EPIPE here); false on error.
-    private static func writeAll(_ fd: CInt, _ bytes: [UInt8]) -> Bool {
-        var offset = 0
-        while offset < bytes.count {
-            let written = bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress! + offset, $0.count - offset) }
-            if written < 0 {
-                if errno == EINTR { continue }
-                return false
-            }
-            offset += written
-        }
-        return true
     }
 }

@@ -3,6 +3,7 @@
 // line the user sees; which kid each file is; reading them all again on SIGHUP.
 
 import RelayAuth
+import RelayServer
 
 #if canImport(Glibc)
 import Glibc
@@ -11,33 +12,27 @@ import Glibc
 enum KeyFile {
     /// The whole file, or a usage error naming the flag and why it cannot be read.
     static func read(_ path: String, flag: String) throws -> [UInt8] {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw CLIError.usage("\(flag) \(path): cannot read the file: \(reason(errno))") }
-        defer { close(fd) }
-        var status = stat()
-        if fstat(fd, &status) == 0, (status.st_mode & S_IFMT) == S_IFDIR {
-            throw CLIError.usage("\(flag) \(path): is a directory, not a key file")
-        }
-        var bytes = [UInt8]()
-        var chunk = [UInt8](repeating: 0, count: 4096)
-        while true {
-            let count = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
-            if count < 0 {
-                if errno == EINTR { continue }
-                throw CLIError.usage("\(flag) \(path): cannot read the file: \(reason(errno))")
+        let bytes: [UInt8]
+        do {
+            let fd = try SystemCalls.open(path, O_RDONLY)
+            defer { SystemCalls.close(fd) }
+            if let status = try? SystemCalls.fstat(fd), (status.st_mode & S_IFMT) == S_IFDIR {
+                throw CLIError.usage("\(flag) \(path): is a directory, not a key file")
             }
-            if count == 0 { return bytes }
-            bytes += chunk[..<count]
             // Keys are small; a huge file is a wrong path (a log, a device).
-            if bytes.count > 1 << 20 { throw CLIError.usage("\(flag) \(path): larger than 1 MiB, not a key file") }
+            bytes = try SystemCalls.readToEnd(fd, .path(path), limit: 1 << 20)
+        } catch let error as SystemCallError {
+            throw CLIError.usage("\(flag) \(path): cannot read the file: \(reason(error))")
         }
+        if bytes.count > 1 << 20 { throw CLIError.usage("\(flag) \(path): larger than 1 MiB, not a key file") }
+        return bytes
     }
 
-    private static func reason(_ code: Int32) -> String {
-        switch code {
+    private static func reason(_ error: SystemCallError) -> String {
+        switch error.code {
         case ENOENT: return "no such file"
         case EACCES: return "permission denied (the relay runs as uid \(getuid()))"
-        default: return String(cString: strerror(code))
+        default: return error.reason
         }
     }
 }

@@ -31,11 +31,8 @@ final class Acceptor: Sendable {
     init(descriptor: CInt, name: String) throws {
         self.descriptor = descriptor
         self.name = name
-        var fds: [CInt] = [0, 0]
-        guard pipe(&fds) == 0 else { throw POSIXError(POSIXErrorCode(rawValue: errno) ?? .EIO) }
-        for fd in fds { Self.setFlags(fd) }
-        wake = (fds[0], fds[1])
-        _ = fcntl(descriptor, F_SETFL, fcntl(descriptor, F_GETFL) | O_NONBLOCK)
+        wake = try SystemCalls.pipe()
+        SystemCalls.setNonBlocking(descriptor)
     }
 
     /// Starts the thread; `handOff` receives each accepted, non-blocking, close-on-exec descriptor
@@ -60,7 +57,7 @@ final class Acceptor: Sendable {
     }
 
     private func run(logger: Logger, mayAccept: (@Sendable () -> Bool)?, handOff: @Sendable (CInt) -> EventLoopFuture<Void>) {
-        var spare = open("/dev/null", O_RDONLY | O_CLOEXEC)
+        var spare = Self.openSpare()
         var fds = [
             pollfd(fd: descriptor, events: Int16(POLLIN), revents: 0),
             pollfd(fd: wake.read, events: Int16(POLLIN), revents: 0),
@@ -72,38 +69,38 @@ final class Acceptor: Sendable {
             fds[1].revents = 0
             // poll skips a negative descriptor: while there is no room only the wake pipe is watched.
             fds[0].fd = mayAccept?() == false ? -1 : descriptor
-            guard poll(&fds, 2, -1) >= 0 || errno == EINTR else { break }
+            guard (try? SystemCalls.poll(&fds, timeout: -1)) != nil else { break }
             if fds[1].revents != 0 {
                 var bytes = [UInt8](repeating: 0, count: 64)
-                while read(wake.read, &bytes, bytes.count) > 0 {}
+                while let count = try? bytes.withUnsafeMutableBytes({ try SystemCalls.read(wake.read, into: $0) }),
+                    count > 0
+                {}
                 if stopped.withLockedValue({ $0 }) { break }
                 continue
             }
             guard fds[0].revents != 0 else { continue }
-            let connection = accept(descriptor, nil, nil)
-            if connection >= 0 {
-                Self.setFlags(connection)
-                _ = handOff(connection)
+            let failure: SystemCallError
+            do {
+                _ = handOff(try SystemCalls.accept(descriptor))
                 continue
+            } catch {
+                failure = error
             }
-            let code = errno
-            switch code {
-            case EAGAIN, EWOULDBLOCK, EINTR, ECONNABORTED, EPROTO:
+            switch failure.code {
+            case EAGAIN, EWOULDBLOCK, ECONNABORTED, EPROTO:
                 continue
             case EMFILE, ENFILE:
                 // Refuse the waiting connection with the spare descriptor rather than leave it to spin.
-                if spare >= 0 {
-                    close(spare)
-                    let refusedConnection = accept(descriptor, nil, nil)
-                    if refusedConnection >= 0 {
-                        close(refusedConnection)
+                if let held = spare {
+                    SystemCalls.close(held)
+                    if let refusedConnection = try? SystemCalls.accept(descriptor) {
+                        SystemCalls.close(refusedConnection)
                         refused += 1
                     }
-                    spare = open("/dev/null", O_RDONLY | O_CLOEXEC)
                 } else {
-                    spare = open("/dev/null", O_RDONLY | O_CLOEXEC)
                     usleep(10_000)
                 }
+                spare = Self.openSpare()
             default:
                 usleep(10_000)
             }
@@ -111,22 +108,23 @@ final class Acceptor: Sendable {
                 lastWarning = .now()
                 logger.warning(
                     "cannot accept connections, refusing them",
-                    metadata: ["listener": "\(name)", "error": "\(String(cString: strerror(code)))", "refused": "\(refused)"])
+                    metadata: ["listener": "\(name)", "error": "\(failure.reason)", "refused": "\(refused)"])
             }
         }
-        if spare >= 0 { close(spare) }
+        if let spare { SystemCalls.close(spare) }
     }
 
     /// The backlog's connections, set up before the thread ends (bounded: a flood cannot hold
     /// the shutdown).
     private func acceptPending(handOff: @Sendable (CInt) -> EventLoopFuture<Void>) {
         for _ in 0..<4096 {
-            let connection = accept(descriptor, nil, nil)
-            guard connection >= 0 else {
-                if errno == EINTR || errno == ECONNABORTED { continue }
+            let connection: CInt
+            do {
+                connection = try SystemCalls.accept(descriptor)
+            } catch {
+                if error.code == ECONNABORTED { continue }
                 return
             }
-            Self.setFlags(connection)
             // A plain thread, not an event loop: waiting here blocks nothing of NIO's.
             try? handOff(connection).wait()
         }
@@ -139,20 +137,17 @@ final class Acceptor: Sendable {
             return value
         }
         guard !already else { return }
-        var byte: UInt8 = 1
-        _ = write(wake.write, &byte, 1)
+        try? SystemCalls.writeAll(wake.write, [1])
         for _ in 0..<200 where !finished.withLockedValue({ $0 }) { usleep(5_000) }
     }
 
     /// Makes the thread ask `mayAccept` again (a connection ended and made room).
     func nudge() {
-        var byte: UInt8 = 0
-        _ = write(wake.write, &byte, 1)
+        try? SystemCalls.writeAll(wake.write, [0])
     }
 
-    /// Non-blocking and close-on-exec (Glibc's module does not export `accept4` or `pipe2`).
-    static func setFlags(_ fd: CInt) {
-        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
-        _ = fcntl(fd, F_SETFD, fcntl(fd, F_GETFD) | FD_CLOEXEC)
+    /// The descriptor kept for refusing connections when none are left; nil when none could be had.
+    private static func openSpare() -> CInt? {
+        try? SystemCalls.open("/dev/null", O_RDONLY)
     }
 }

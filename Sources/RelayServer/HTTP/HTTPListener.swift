@@ -20,23 +20,22 @@ final class HTTPListener: Sendable {
     private init(descriptor: CInt, owned: Bool) throws {
         acceptor = try Acceptor(descriptor: descriptor, name: "http-accept")
         self.owned = owned
-        address = try Self.localAddress(of: descriptor)
+        address = try SystemCalls.getsockname(descriptor)
     }
 
     /// Why `--listen` could not be bound, in words (NIO's `IOError` reads "bind(...) failed: ...) (errno: 98)").
     struct BindError: Error, CustomStringConvertible {
-        let call: String
-        let code: Int32
+        let failure: SystemCallError
         let port: Int
 
         var description: String {
-            let reason = String(cString: strerror(code))
-            switch code {
+            let reason = failure.reason
+            switch failure.code {
             case EADDRINUSE: return "cannot listen: \(reason) (another relay or server uses this port)"
             case EACCES where port < 1024:
                 return "cannot listen: \(reason) (ports below 1024 need root or CAP_NET_BIND_SERVICE)"
             case EADDRNOTAVAIL: return "cannot listen: \(reason) (no interface of this machine has that address)"
-            default: return "cannot listen: \(call): \(reason)"
+            default: return "cannot listen: \(failure.call): \(reason)"
             }
         }
     }
@@ -45,21 +44,20 @@ final class HTTPListener: Sendable {
     static func bind(host: String, port: Int) throws -> HTTPListener {
         let address = try SocketAddress.makeAddressResolvingHost(host == "localhost" ? "127.0.0.1" : host, port: port)
         let family = address.protocol == .inet6 ? AF_INET6 : AF_INET
-        let fd = socket(family, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw BindError(call: "socket", code: errno, port: port) }
-        var one: Int32 = 1
-        // SOL_SOCKET/SO_REUSEADDR needs no privilege (a restart rebinds past TIME_WAIT).
-        _ = setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
-        let bound = address.withSockAddr { pointer, length in Glibc.bind(fd, pointer, socklen_t(length)) }
-        guard bound == 0 else {
-            let code = errno
-            close(fd)
-            throw BindError(call: "bind", code: code, port: port)
+        let fd: CInt
+        do {
+            fd = try SystemCalls.socket(family, SOCK_STREAM)
+        } catch {
+            throw BindError(failure: error, port: port)
         }
-        guard listen(fd, 1024) == 0 else {
-            let code = errno
-            close(fd)
-            throw BindError(call: "listen", code: code, port: port)
+        do {
+            // SOL_SOCKET/SO_REUSEADDR needs no privilege (a restart rebinds past TIME_WAIT).
+            try? SystemCalls.setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, 1)
+            try SystemCalls.bind(fd, to: address)
+            try SystemCalls.listen(fd, backlog: 1024)
+        } catch {
+            SystemCalls.close(fd)
+            throw BindError(failure: error, port: port)
         }
         return try HTTPListener(descriptor: fd, owned: true)
     }
@@ -98,23 +96,6 @@ final class HTTPListener: Sendable {
 
     func stopAccepting() {
         acceptor.stop()
-        if owned { close(acceptor.descriptor) }
-    }
-
-    private static func localAddress(of fd: CInt) throws -> SocketAddress {
-        var storage = sockaddr_storage()
-        var length = socklen_t(MemoryLayout<sockaddr_storage>.size)
-        let result = withUnsafeMutablePointer(to: &storage) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { getsockname(fd, $0, &length) }
-        }
-        guard result == 0 else { throw IOError(errnoCode: errno, reason: "getsockname") }
-        switch Int32(storage.ss_family) {
-        case AF_INET6:
-            let v6 = withUnsafePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr_in6.self, capacity: 1) { $0.pointee } }
-            return SocketAddress(v6, host: "")
-        default:
-            let v4 = withUnsafePointer(to: &storage) { $0.withMemoryRebound(to: sockaddr_in.self, capacity: 1) { $0.pointee } }
-            return SocketAddress(v4, host: "")
-        }
+        if owned { SystemCalls.close(acceptor.descriptor) }
     }
 }

@@ -18,19 +18,19 @@ enum StateFileStore {
     enum Failure: Error, CustomStringConvertible {
         /// The state file's directory cannot take the file (checked before the relay serves).
         case directoryNotWritable(path: String, reason: String)
-        case unreadable(path: String, reason: String)
-        case notRemovable(path: String, reason: String)
+        case unreadable(path: String, SystemCallError)
+        case notRemovable(path: String, SystemCallError)
         case damaged(path: String, reason: String)
-        case write(path: String, reason: String)
+        case write(path: String, SystemCallError)
 
         var description: String {
             switch self {
             case .directoryNotWritable(let path, let reason):
                 return "--state-file \(path): the relay could not write its state there (\(reason))"
-            case .unreadable(let path, let reason): return "\(path): cannot read it (\(reason))"
-            case .notRemovable(let path, let reason): return "\(path): cannot remove it after reading (\(reason))"
+            case .unreadable(let path, let error): return "\(path): cannot read it (\(error))"
+            case .notRemovable(let path, let error): return "\(path): cannot remove it after reading (\(error))"
             case .damaged(let path, let reason): return "\(path): damaged (\(reason))"
-            case .write(let path, let reason): return "\(path): \(reason)"
+            case .write(let path, let error): return "\(path): \(error)"
             }
         }
     }
@@ -40,51 +40,45 @@ enum StateFileStore {
     /// first restart that loses every epoch.
     static func checkWritable(_ path: String) throws {
         let directory = Self.directory(of: path)
-        var status = stat()
-        guard stat(directory, &status) == 0 else {
-            throw Failure.directoryNotWritable(path: path, reason: "\(directory): \(Self.reason(errno))")
+        let status: stat
+        do {
+            status = try SystemCalls.stat(directory)
+        } catch {
+            throw Failure.directoryNotWritable(path: path, reason: "\(error)")
         }
         guard (status.st_mode & S_IFMT) == S_IFDIR else {
             throw Failure.directoryNotWritable(path: path, reason: "\(directory) is not a directory")
         }
-        if lstat(path, &status) == 0, (status.st_mode & S_IFMT) == S_IFDIR {
+        if let existing = try? SystemCalls.lstat(path), (existing.st_mode & S_IFMT) == S_IFDIR {
             throw Failure.directoryNotWritable(path: path, reason: "it is a directory")
         }
         let probe = temporaryPath(for: path)
-        let fd = open(probe, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0o600)
-        guard fd >= 0 else {
-            throw Failure.directoryNotWritable(path: path, reason: "\(probe): \(Self.reason(errno))")
+        do {
+            SystemCalls.close(try SystemCalls.open(probe, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW, mode: 0o600))
+        } catch {
+            throw Failure.directoryNotWritable(path: path, reason: "\(error)")
         }
-        close(fd)
-        unlink(probe)
+        try? SystemCalls.unlink(probe)
     }
 
     /// The topics in `path`, and the file is removed. Nil when there is no file. Throws when the
     /// file cannot be read, decoded or removed: the caller then starts with new epochs.
     static func take(_ path: String) throws -> [TopicState]? {
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
-        if fd < 0 {
-            if errno == ENOENT { return nil }
-            throw Failure.unreadable(path: path, reason: reason(errno))
+        let data: [UInt8]
+        do {
+            let fd = try SystemCalls.open(path, O_RDONLY)
+            defer { SystemCalls.close(fd) }
+            data = try SystemCalls.readToEnd(fd, .path(path))
+        } catch {
+            if error.code == ENOENT, error.call == "open" { return nil }
+            throw Failure.unreadable(path: path, error)
         }
-        var data = [UInt8]()
-        var chunk = [UInt8](repeating: 0, count: 1 << 16)
-        while true {
-            let count = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
-            if count < 0 {
-                if errno == EINTR { continue }
-                let code = errno
-                close(fd)
-                throw Failure.unreadable(path: path, reason: reason(code))
-            }
-            if count == 0 { break }
-            data += chunk[..<count]
-        }
-        close(fd)
         // Removed before it is believed: should that fail, the same numbering would be restored
         // at every start and two events would share a seq within one epoch.
-        guard unlink(path) == 0 || errno == ENOENT else {
-            throw Failure.notRemovable(path: path, reason: reason(errno))
+        do {
+            try SystemCalls.unlink(path)
+        } catch {
+            if error.code != ENOENT { throw Failure.notRemovable(path: path, error) }
         }
         do {
             return try StateFile.decode(ByteBuffer(bytes: data))
@@ -98,33 +92,34 @@ enum StateFileStore {
     static func write(_ topics: [TopicState], to path: String) throws {
         let bytes = StateFile.encode(topics)
         let temporary = temporaryPath(for: path)
-        let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0o600)
-        guard fd >= 0 else { throw Failure.write(path: path, reason: "\(temporary): \(reason(errno))") }
-        var failure: Int32 = 0
-        bytes.withUnsafeReadableBytes { raw in
-            var offset = 0
-            while offset < raw.count {
-                let written = Glibc.write(fd, raw.baseAddress! + offset, raw.count - offset)
-                if written < 0 {
-                    if errno == EINTR { continue }
-                    failure = errno
-                    return
-                }
-                offset += written
-            }
+        let fd: CInt
+        do {
+            fd = try SystemCalls.open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW, mode: 0o600)
+        } catch {
+            throw Failure.write(path: path, error)
         }
-        if failure == 0, fsync(fd) != 0 { failure = errno }
-        close(fd)
-        if failure == 0, rename(temporary, path) != 0 { failure = errno }
-        if failure != 0 {
-            unlink(temporary)
-            throw Failure.write(path: path, reason: reason(failure))
+        var failure: SystemCallError?
+        do {
+            let written = bytes.withUnsafeReadableBytes { raw in
+                Result { () throws(SystemCallError) in try SystemCalls.writeAll(fd, raw, .path(temporary)) }
+            }
+            try written.get()
+            try SystemCalls.fsync(fd, .path(temporary))
+        } catch {
+            failure = error
+        }
+        SystemCalls.close(fd)
+        if failure == nil {
+            do { try SystemCalls.rename(temporary, to: path) } catch { failure = error }
+        }
+        if let failure {
+            try? SystemCalls.unlink(temporary)
+            throw Failure.write(path: path, failure)
         }
         // The rename is durable only once the directory is synced too.
-        let directory = open(Self.directory(of: path), O_RDONLY | O_CLOEXEC)
-        if directory >= 0 {
-            fsync(directory)
-            close(directory)
+        if let directory = try? SystemCalls.open(Self.directory(of: path), O_RDONLY) {
+            try? SystemCalls.fsync(directory)
+            SystemCalls.close(directory)
         }
     }
 
@@ -134,6 +129,4 @@ enum StateFileStore {
         let directory = (path as NSString).deletingLastPathComponent
         return directory.isEmpty ? "." : directory
     }
-
-    static func reason(_ code: Int32) -> String { String(cString: strerror(code)) }
 }

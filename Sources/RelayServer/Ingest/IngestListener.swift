@@ -47,8 +47,9 @@ public enum IngestSocketError: Error, CustomStringConvertible {
     case replacedWhileBinding(String)
     /// The socket file answers with an error other than "nobody listens": it may be live and
     /// another user's, so it is left alone.
-    case cannotProbe(String, Int32)
-    case system(String, String, Int32)
+    case cannotProbe(String, SystemCallError)
+    /// A call failed while binding `--socket`.
+    case system(String, SystemCallError)
 
     public var description: String {
         switch self {
@@ -58,13 +59,14 @@ public enum IngestSocketError: Error, CustomStringConvertible {
         case .notASocket(let path): return "--socket \(path): exists and is not a socket; refusing to replace it"
         case .replacedWhileBinding(let path):
             return "--socket \(path): the file was replaced while the relay bound it; refusing to set its mode"
-        case .cannotProbe(let path, let code):
-            return "--socket \(path): in use by someone else or not reachable (\(String(cString: strerror(code)))); refusing to replace it"
-        case .system(let call, let path, let code):
-            if call == "bind", code == ENOENT {
+        case .cannotProbe(let path, let error):
+            return "--socket \(path): in use by someone else or not reachable (\(error.reason)); refusing to replace it"
+        case .system(let path, let error):
+            if error.call == "bind", error.code == ENOENT {
                 return "--socket \(path): the directory \((path as NSString).deletingLastPathComponent) does not exist"
             }
-            return "--socket \(path): \(call) failed: \(String(cString: strerror(code)))"
+            let purpose = ["unlink": "removing the stale socket file: ", "fchmodat": "setting the socket's mode: "]
+            return "--socket \(path): \(purpose[error.call] ?? "")\(error.call) failed: \(error.reason)"
         }
     }
 }
@@ -95,56 +97,58 @@ final class IngestListener: Sendable {
     static func bind(path: String, mode: UInt32) throws -> IngestListener {
         guard let address = UnixAddress(path) else { throw IngestSocketError.pathTooLong(path) }
 
-        var status = stat()
-        if lstat(path, &status) == 0 {
+        if let status = try? SystemCalls.lstat(path) {
             guard (status.st_mode & S_IFMT) == S_IFSOCK else { throw IngestSocketError.notASocket(path) }
-            switch probe(address) {
+            switch probe(address, path: path) {
             case .live: throw IngestSocketError.inUse(path)
-            case .unknown(let code): throw IngestSocketError.cannotProbe(path, code)
+            case .unknown(let error): throw IngestSocketError.cannotProbe(path, error)
             case .stale:
-                guard unlink(path) == 0 || errno == ENOENT else {
-                    throw IngestSocketError.system("removing the stale socket file: unlink", path, errno)
+                do {
+                    try SystemCalls.unlink(path)
+                } catch {
+                    if error.code != ENOENT { throw IngestSocketError.system(path, error) }
                 }
             }
         }
 
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw IngestSocketError.system("socket", path, errno) }
-        let bound = address.withSocketAddress { Glibc.bind(fd, $0, $1) }
-        guard bound == 0 else {
-            let code = errno
-            close(fd)
-            throw IngestSocketError.system("bind", path, code)
+        let fd: CInt
+        do {
+            fd = try SystemCalls.socket(AF_UNIX, SOCK_STREAM, .path(path))
+        } catch {
+            throw IngestSocketError.system(path, error)
+        }
+        do {
+            try SystemCalls.bind(fd, to: address, path: path)
+        } catch {
+            SystemCalls.close(fd)
+            throw IngestSocketError.system(path, error)
         }
         // The mode goes only to the socket just bound: `lstat` must show a socket of ours (a
         // symbolic link swapped in is not followed), and `fchmodat(AT_SYMLINK_NOFOLLOW)` changes
         // the file it opened without following a link either, so a link's target never gets it.
-        var made = stat()
-        guard lstat(path, &made) == 0, (made.st_mode & S_IFMT) == S_IFSOCK, made.st_uid == geteuid() else {
-            close(fd)
+        guard let made = try? SystemCalls.lstat(path), (made.st_mode & S_IFMT) == S_IFSOCK, made.st_uid == geteuid()
+        else {
+            SystemCalls.close(fd)
             throw IngestSocketError.replacedWhileBinding(path)
         }
         let madeFile = (device: UInt64(made.st_dev), inode: UInt64(made.st_ino))
-        guard fchmodat(AT_FDCWD, path, mode_t(mode), AT_SYMLINK_NOFOLLOW) == 0 else {
-            let code = errno
-            close(fd)
+        do {
+            try SystemCalls.fchmodat(path, mode: mode_t(mode))
+            try SystemCalls.listen(fd, backlog: 4096, .path(path))
+        } catch {
+            SystemCalls.close(fd)
             unlinkIfStillSocket(path, madeFile)
-            throw IngestSocketError.system("setting the socket's mode: fchmodat", path, code)
-        }
-        guard listen(fd, 4096) == 0 else {
-            let code = errno
-            close(fd)
-            unlinkIfStillSocket(path, madeFile)
-            throw IngestSocketError.system("listen", path, code)
+            throw IngestSocketError.system(path, error)
         }
         return try IngestListener(descriptor: fd, path: path, boundFile: madeFile)
     }
 
     /// Removes `path` only when it is still the socket file with that device and inode.
     private static func unlinkIfStillSocket(_ path: String, _ file: (device: UInt64, inode: UInt64)) {
-        var status = stat()
-        if lstat(path, &status) == 0, UInt64(status.st_dev) == file.device, UInt64(status.st_ino) == file.inode {
-            unlink(path)
+        if let status = try? SystemCalls.lstat(path), UInt64(status.st_dev) == file.device,
+            UInt64(status.st_ino) == file.inode
+        {
+            try? SystemCalls.unlink(path)
         }
     }
 
@@ -153,18 +157,20 @@ final class IngestListener: Sendable {
         try IngestListener(descriptor: descriptor, path: nil)
     }
 
-    private enum Probe { case live, stale, unknown(Int32) }
+    private enum Probe { case live, stale, unknown(SystemCallError) }
 
     /// Only "connection refused" (nobody listens) and "no such file" mean stale. Anything else,
     /// permission denied above all, may be another user's live relay.
-    private static func probe(_ address: UnixAddress) -> Probe {
-        let probe = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard probe >= 0 else { return .unknown(errno) }
-        defer { close(probe) }
-        if address.withSocketAddress({ connect(probe, $0, $1) }) == 0 { return .live }
-        switch errno {
-        case ECONNREFUSED, ENOENT: return .stale
-        case let code: return .unknown(code)
+    private static func probe(_ address: UnixAddress, path: String) -> Probe {
+        do {
+            let probe = try SystemCalls.socket(AF_UNIX, SOCK_STREAM, .path(path))
+            defer { SystemCalls.close(probe) }
+            try SystemCalls.connect(probe, to: address, path: path)
+            return .live
+        } catch where error.code == ECONNREFUSED || error.code == ENOENT {
+            return .stale
+        } catch {
+            return .unknown(error)
         }
     }
 
@@ -268,9 +274,8 @@ final class IngestListener: Sendable {
     /// `unsafeGetSocketOption` would need the channel, and drops the length the kernel returns).
     private static func credentials(of fd: CInt) -> PeerCredentials {
         var credentials = UCred()
-        var length = socklen_t(MemoryLayout<UCred>.size)
-        guard getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &credentials, &length) == 0,
-            Int(length) == MemoryLayout<UCred>.size
+        guard let length = try? SystemCalls.getsockopt(fd, SOL_SOCKET, SO_PEERCRED, into: &credentials),
+            length == MemoryLayout<UCred>.size
         else {
             return PeerCredentials(pid: -1, uid: UInt32.max, descriptor: fd)
         }
@@ -287,17 +292,23 @@ final class IngestListener: Sendable {
     /// then no group grant applies to that connection.
     private func groups(of fd: CInt, credentials: PeerCredentials, logger: Logger) -> [UInt32]? {
         var capacity = 256
-        var code: Int32 = 0
+        var failure: SystemCallError?
         for _ in 0..<2 {
             var groups = [UInt32](repeating: 0, count: capacity)
-            var length = socklen_t(capacity * MemoryLayout<UInt32>.size)
-            let result = groups.withUnsafeMutableBytes { getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, $0.baseAddress, &length) }
-            if result == 0 {
-                return Array(groups.prefix(min(capacity, Int(length) / MemoryLayout<UInt32>.size)))
+            var length = socklen_t(0)
+            let result = groups.withUnsafeMutableBytes { buffer in
+                Result { () throws(SystemCallError) in
+                    try SystemCalls.getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, into: buffer, length: &length)
+                }
             }
-            code = errno
+            switch result {
+            case .success:
+                return Array(groups.prefix(min(capacity, Int(length) / MemoryLayout<UInt32>.size)))
+            case .failure(let error):
+                failure = error
+            }
             let needed = Int(length) / MemoryLayout<UInt32>.size
-            guard code == ERANGE, needed > capacity, needed <= 65536 else { break }
+            guard failure?.code == ERANGE, needed > capacity, needed <= 65536 else { break }
             capacity = needed
         }
         let first = groupsWarned.withLockedValue { warned in
@@ -307,7 +318,7 @@ final class IngestListener: Sendable {
         if first {
             logger.warning(
                 "cannot read an emitter's supplementary groups: group grants do not apply to such connections (logged once)",
-                metadata: ["pid": "\(credentials.pid)", "uid": "\(credentials.uid)", "error": "\(String(cString: strerror(code)))"])
+                metadata: ["pid": "\(credentials.pid)", "uid": "\(credentials.uid)", "error": "\(failure?.reason ?? "unknown")"])
         }
         return nil
     }
@@ -336,16 +347,9 @@ final class IngestListener: Sendable {
     func stopAccepting() {
         // The path goes first, so new emitters fail to connect (and keep their lines) rather than
         // land in a backlog about to be closed.
-        if let path {
-            var status = stat()
-            if let boundFile, lstat(path, &status) == 0, UInt64(status.st_dev) == boundFile.device,
-                UInt64(status.st_ino) == boundFile.inode
-            {
-                unlink(path)
-            }
-        }
+        if let path, let boundFile { Self.unlinkIfStillSocket(path, boundFile) }
         acceptor.stop()
-        if path != nil { close(acceptor.descriptor) }
+        if path != nil { SystemCalls.close(acceptor.descriptor) }
     }
 
     /// Closes the emitter connections still open after the drain.
@@ -367,7 +371,7 @@ final class IngestListener: Sendable {
             let channel = entry.channel
             channel.eventLoop.execute {
                 // On the channel's loop, an active channel still owns its descriptor.
-                if channel.isActive { _ = shutdown(entry.descriptor, Int32(SHUT_RD)) }
+                if channel.isActive { try? SystemCalls.shutdown(entry.descriptor, SHUT_RD) }
             }
             return channel.closeFuture
         }

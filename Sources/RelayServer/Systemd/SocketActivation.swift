@@ -28,7 +28,7 @@ public struct SocketActivation: Sendable, Equatable {
         if let pid = environment["LISTEN_PID"].flatMap(Int32.init), pid != getpid() { return nil }
         var activation = SocketActivation()
         for descriptor in CInt(3)..<CInt(3 + count) {
-            _ = fcntl(descriptor, F_SETFD, fcntl(descriptor, F_GETFD) | FD_CLOEXEC)
+            SystemCalls.setCloseOnExec(descriptor)
             guard option(descriptor, SO_ACCEPTCONN) == 1, option(descriptor, SO_TYPE) == Int32(SOCK_STREAM.rawValue)
             else { throw SocketActivationError.notAListeningStream(descriptor) }
             switch option(descriptor, SO_DOMAIN) {
@@ -43,10 +43,8 @@ public struct SocketActivation: Sendable, Equatable {
         return activation
     }
 
-    private static func option(_ descriptor: CInt, _ name: Int32) -> Int32? {
-        var value: Int32 = 0
-        var length = socklen_t(MemoryLayout<Int32>.size)
-        return getsockopt(descriptor, SOL_SOCKET, name, &value, &length) == 0 ? value : nil
+    private static func option(_ descriptor: CInt, _ name: CInt) -> CInt? {
+        try? SystemCalls.getsockopt(descriptor, SOL_SOCKET, name)
     }
 }
 

@@ -30,22 +30,16 @@ public final class SystemdNotifier: Sendable {
 
     private init?(path: String, watchdogInterval: TimeAmount?) {
         guard let address = UnixAddress(path, allowingAbstract: true) else { return nil }
-        let fd = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue), 0)
-        guard fd >= 0 else { return nil }
-        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-        _ = fcntl(fd, F_SETFL, fcntl(fd, F_GETFL) | O_NONBLOCK)
+        guard let fd = try? SystemCalls.socket(AF_UNIX, SOCK_DGRAM, nonBlocking: true) else { return nil }
         descriptor = fd
         self.address = address
         self.watchdogInterval = watchdogInterval
     }
 
-    deinit { close(descriptor) }
+    deinit { SystemCalls.close(descriptor) }
 
     /// Sends `state`, e.g. `READY=1` or `STATUS=...`; never blocks, never fails the caller.
     public func notify(_ state: String) {
-        let bytes = Array(state.utf8)
-        _ = address.withSocketAddress { target, length in
-            bytes.withUnsafeBytes { sendto(descriptor, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL), target, length) }
-        }
+        _ = try? SystemCalls.sendto(descriptor, Array(state.utf8), to: address)
     }
 }
