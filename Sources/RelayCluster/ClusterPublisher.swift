@@ -65,6 +65,10 @@ import RESP
 public struct ClusterPublisherConfiguration: Sendable {
     /// The default bound on queued bytes (`--redis-queue-bytes`): 64 MiB.
     public static let defaultQueueBytes = 64 << 20
+    /// The default prefix of every key and channel (`--redis-prefix`).
+    public static let defaultPrefix = "progress-relay"
+    /// The default lines per sequencing-script call (`--redis-lines-per-call`).
+    public static let defaultLinesPerCall = 16
 
     /// The prefix `P` of every key and channel (`--redis-prefix`).
     public var prefix: String
@@ -96,7 +100,8 @@ public struct ClusterPublisherConfiguration: Sendable {
 
     /// A configuration with the relay's defaults for everything not given.
     public init(
-        nodeName: String, prefix: String = "progress-relay", history: Int, topicTTLSeconds: Int,
+        nodeName: String, prefix: String = ClusterPublisherConfiguration.defaultPrefix, history: Int,
+        topicTTLSeconds: Int,
         queueBytes: Int = defaultQueueBytes
     ) {
         self.prefix = prefix
@@ -111,7 +116,7 @@ public struct ClusterPublisherConfiguration: Sendable {
         self.stallTimeout = .seconds(1)
         self.reconnectAfterStall = .seconds(30)
         self.connectTimeout = .seconds(5)
-        self.linesPerCall = 16
+        self.linesPerCall = Self.defaultLinesPerCall
     }
 }
 

@@ -67,8 +67,8 @@ enum TopicIndexScripts {
 
 /// The index, sweep, TTL-refresh and probe commands of one relay, on its command connection.
 public struct TopicIndex: Sendable {
-    /// Topics listed per snapshot (the bound: at most 1,000).
-    public static let snapshotLimit = 1000
+    /// Topics listed per snapshot: the same bound as a single relay's pattern snapshot.
+    public static let snapshotLimit = HubConfiguration.defaultPatternSnapshotLimit
     /// Index members checked per sweep call.
     public static let sweepBatch = 1000
     /// Topics per refresh call.

@@ -24,7 +24,7 @@ public struct RelayConfiguration: Sendable {
     public var maxClientMessageBytes: Int
     public var pingInterval: TimeAmount
     /// `--sse-retry`: the `retry:` an SSE stream starts with (milliseconds before a browser reconnects).
-    public var sseRetryMilliseconds = 2000
+    public var sseRetryMilliseconds = RelayConfiguration.defaultSSERetryMilliseconds
     public var stateFile: String?
     public var hub: HubConfiguration
     /// Event loops for subscribers; the hub and the emitter connections have a thread of their own.
@@ -43,24 +43,51 @@ public struct RelayConfiguration: Sendable {
     /// `--max-connections`, `--max-connections-per-ip`, `--trusted-proxy`, `--handshake-timeout`.
     public var httpEdge: HTTPEdgeSettings
 
+    // The defaults, here only: `serve`'s flags show and use these (docs/protocol.md lists them).
+    // ProgressEmitter, which cannot import this module, keeps its own copy of the socket path.
+    /// `--socket`.
+    public static let defaultSocketPath = "/run/progress.sock"
+    /// `--socket-mode`: owner and group may connect.
+    public static let defaultSocketMode: UInt32 = 0o660
+    /// The host of `--listen`: loopback, so that a relay is reachable from elsewhere only when told.
+    public static let defaultListenHost = "127.0.0.1"
+    /// The port of `--listen`.
+    public static let defaultListenPort = 8765
+    /// `--max-event-bytes`.
+    public static let defaultMaxEventBytes = 64 * 1024
+    /// `--max-outbound-bytes`.
+    public static let defaultMaxOutboundBytes = 4 * 1024 * 1024
+    /// `--max-subscriptions`.
+    public static let defaultMaxSubscriptions = 100
+    /// `--max-pattern-subscriptions`.
+    public static let defaultMaxPatternSubscriptions = 8
+    /// Largest client message after reassembly (no flag).
+    public static let defaultMaxClientMessageBytes = 64 * 1024
+    /// `--ping-interval`.
+    public static let defaultPingInterval: TimeAmount = .seconds(25)
+    /// `--sse-retry`.
+    public static let defaultSSERetryMilliseconds = 2000
+    /// `--max-inflight-bytes`.
+    public static let defaultIngestBudgetBytes = 16 * 1024 * 1024
+
     public init(
-        socketPath: String = "/run/progress.sock",
-        socketMode: UInt32 = 0o660,
+        socketPath: String = RelayConfiguration.defaultSocketPath,
+        socketMode: UInt32 = RelayConfiguration.defaultSocketMode,
         adoptedIngestDescriptor: CInt? = nil,
         adoptedHTTPDescriptor: CInt? = nil,
-        listenHost: String = "127.0.0.1",
-        listenPort: Int = 8765,
+        listenHost: String = RelayConfiguration.defaultListenHost,
+        listenPort: Int = RelayConfiguration.defaultListenPort,
         allowedOrigins: Set<WebOrigin> = [],
-        maxEventBytes: Int = 65536,
-        maxOutboundBytes: Int = 4 * 1024 * 1024,
-        maxSubscriptions: Int = 100,
-        maxPatternSubscriptions: Int = 8,
-        maxClientMessageBytes: Int = 64 * 1024,
-        pingInterval: TimeAmount = .seconds(25),
+        maxEventBytes: Int = RelayConfiguration.defaultMaxEventBytes,
+        maxOutboundBytes: Int = RelayConfiguration.defaultMaxOutboundBytes,
+        maxSubscriptions: Int = RelayConfiguration.defaultMaxSubscriptions,
+        maxPatternSubscriptions: Int = RelayConfiguration.defaultMaxPatternSubscriptions,
+        maxClientMessageBytes: Int = RelayConfiguration.defaultMaxClientMessageBytes,
+        pingInterval: TimeAmount = RelayConfiguration.defaultPingInterval,
         stateFile: String? = nil,
         hub: HubConfiguration = HubConfiguration(),
         threads: Int = System.coreCount,
-        ingestBudgetBytes: Int = 16 * 1024 * 1024,
+        ingestBudgetBytes: Int = RelayConfiguration.defaultIngestBudgetBytes,
         cluster: ClusterSettings? = nil,
         publishPolicy: PublishPolicy? = nil,
         emitterLimits: EmitterLimitSettings = EmitterLimitSettings(),

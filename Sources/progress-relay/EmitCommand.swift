@@ -3,6 +3,7 @@
 import ArgumentParser
 import Foundation
 import ProgressEmitter
+import RelayServer
 
 struct EmitCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
@@ -10,7 +11,7 @@ struct EmitCommand: ParsableCommand {
         abstract: "Send events to a running relay.",
         discussion: "Without --topic, sends the NDJSON lines read from standard input.")
 
-    @Option(help: "The relay's ingest socket (default: $PROGRESS_RELAY_SOCKET or /run/progress.sock).")
+    @Option(help: "The relay's ingest socket (default: $PROGRESS_RELAY_SOCKET or \(RelayConfiguration.defaultSocketPath)).")
     var socket: String?
 
     @Option(help: "The event's topic.")

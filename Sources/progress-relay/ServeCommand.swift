@@ -21,14 +21,21 @@ import Glibc
 struct ServeCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(commandName: "serve", abstract: "Run the relay.")
 
+    // The flags' defaults come from the configuration types (RelayConfiguration, HubConfiguration,
+    // EmitterLimitSettings, HTTPEdgeSettings, ClusterPublisherConfiguration), where they are kept.
+    static let defaultListen = "\(RelayConfiguration.defaultListenHost):\(RelayConfiguration.defaultListenPort)"
+
+    /// A default duration as the seconds its flag takes.
+    private static func seconds(_ amount: TimeAmount) -> Double { Double(amount.nanoseconds) / 1e9 }
+
     @Option(help: "Ingest socket path.")
     var socket: String?
 
     @Option(name: .customLong("socket-mode"), help: "Permissions of the socket file (octal).")
-    var socketMode: String = "0660"
+    var socketMode: String = "0" + String(RelayConfiguration.defaultSocketMode, radix: 8)
 
     @Option(help: "HTTP and WebSocket listener, HOST:PORT.")
-    var listen: String = "127.0.0.1:8765"
+    var listen: String = Self.defaultListen
 
     @Option(
         name: .customLong("jwt-secret-file"),
@@ -73,52 +80,58 @@ struct ServeCommand: AsyncParsableCommand {
     // Numbers are parsed `.unconditional`ly, so `--history -1` is the value -1 (refused with the
     // flag's rule) rather than "missing value" for a flag that looks like another flag.
     @Option(parsing: .unconditional, help: "Events of each topic kept for resume.")
-    var history: Int = 100
+    var history: Int = HubConfiguration.defaultHistoryLimit
 
     @Option(name: .customLong("max-event-bytes"), parsing: .unconditional, help: "Longest accepted ingest line.")
-    var maxEventBytes: Int = 65536
+    var maxEventBytes: Int = RelayConfiguration.defaultMaxEventBytes
 
     @Option(
         name: .customLong("max-outbound-bytes"), parsing: .unconditional,
         help: "Unsent bytes a subscriber may owe before it is cut off.")
-    var maxOutboundBytes: Int = 4_194_304
+    var maxOutboundBytes: Int = RelayConfiguration.defaultMaxOutboundBytes
 
     @Option(
         name: .customLong("max-inflight-bytes"), parsing: .unconditional,
         help: "Event bytes read from emitters and not yet written by every subscriber loop; beyond it emitters wait.")
-    var maxInflightBytes: Int = 16_777_216
+    var maxInflightBytes: Int = RelayConfiguration.defaultIngestBudgetBytes
 
     @Option(
         name: .customLong("max-emitters"), parsing: .unconditional,
         help: "Emitter connections held at once; beyond it new ones wait in the socket's backlog.")
-    var maxEmitters: Int = 4096
+    var maxEmitters: Int = EmitterLimitSettings.defaultMaxEmitters
 
-    // Optional so that a lower --max-emitters alone lowers the share with it (default 1024).
+    // Optional so that a lower --max-emitters alone lowers the share with it.
     @Option(
         name: .customLong("max-emitters-per-uid"), parsing: .unconditional,
-        help: "Emitter connections of one uid read at once (default 1024); more are accepted and wait unread.")
+        help: """
+            Emitter connections of one uid read at once (default \(EmitterLimitSettings.defaultMaxEmittersPerUID)); \
+            more are accepted and wait unread.
+            """)
     var maxEmittersPerUID: Int?
 
     @Option(
         name: .customLong("emitter-idle-timeout"), parsing: .unconditional,
         help: "Seconds an emitter connection may send nothing before it is drained and closed.")
-    var emitterIdleTimeout: Double = 3600
+    var emitterIdleTimeout: Double = Self.seconds(EmitterLimitSettings.defaultIdleTimeout)
 
     @Option(
         name: .customLong("emitter-partial-line-timeout"), parsing: .unconditional,
         help: "Seconds an unfinished ingest line may wait for its end before its connection is drained.")
-    var emitterPartialLineTimeout: Double = 60
+    var emitterPartialLineTimeout: Double = Self.seconds(EmitterLimitSettings.defaultPartialLineTimeout)
 
     // Optional: its default depends on the open files limit, known once it is raised.
     @Option(
         name: .customLong("max-connections"), parsing: .unconditional,
-        help: "HTTP and WebSocket connections held at once (default: the open files limit less 1024, at least 64); more get 503.")
+        help: """
+            HTTP and WebSocket connections held at once (default: the open files limit less \
+            \(Self.reservedDescriptors), at least \(HTTPEdgeSettings.fallbackMaxConnections)); more get 503.
+            """)
     var maxConnections: Int?
 
     @Option(
         name: .customLong("max-connections-per-ip"), parsing: .unconditional,
         help: "HTTP and WebSocket connections one client address may hold; more get 503.")
-    var maxConnectionsPerIP: Int = 256
+    var maxConnectionsPerIP: Int = HTTPEdgeSettings.defaultMaxConnectionsPerAddress
 
     @Option(
         name: .customLong("trusted-proxy"),
@@ -128,15 +141,15 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(
         name: .customLong("handshake-timeout"), parsing: .unconditional,
         help: "Seconds a connection has to complete its WebSocket handshake or HTTP request.")
-    var handshakeTimeout: Double = 10
+    var handshakeTimeout: Double = Self.seconds(HTTPEdgeSettings.defaultHandshakeTimeout)
 
     @Option(name: .customLong("ping-interval"), parsing: .unconditional, help: "Seconds between WebSocket pings.")
-    var pingInterval: Double = 25
+    var pingInterval: Double = Self.seconds(RelayConfiguration.defaultPingInterval)
 
     @Option(
         name: .customLong("sse-retry"), parsing: .unconditional,
         help: "Milliseconds an SSE client (EventSource) waits before it reconnects (the stream's `retry:`).")
-    var sseRetry: Int = 2000
+    var sseRetry: Int = RelayConfiguration.defaultSSERetryMilliseconds
 
     @Option(name: .customLong("state-file"), help: "State written on shutdown and read back on start.")
     var stateFile: String?
@@ -144,28 +157,28 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(
         name: .customLong("max-topics"), parsing: .unconditional,
         help: "Topics kept; beyond it the longest-idle topic is forgotten.")
-    var maxTopics: Int = 100_000
+    var maxTopics: Int = HubConfiguration.defaultMaxTopics
 
     @Option(
         name: .customLong("max-history-bytes"), parsing: .unconditional,
         help: "Bytes of stored events over all topics (a plain number of bytes, at least 65536); beyond it the oldest history is dropped.")
-    var maxHistoryBytes: Int = 268_435_456
+    var maxHistoryBytes: Int = HubConfiguration.defaultMaxHistoryBytes
 
     @Option(name: .customLong("max-subscriptions"), parsing: .unconditional, help: "Subscriptions one connection may hold.")
-    var maxSubscriptions: Int = 100
+    var maxSubscriptions: Int = RelayConfiguration.defaultMaxSubscriptions
 
     @Option(
         name: .customLong("max-pattern-subscriptions"), parsing: .unconditional,
         help: "Pattern subscriptions one connection may hold (part of --max-subscriptions).")
-    var maxPatternSubscriptions: Int = 8
+    var maxPatternSubscriptions: Int = RelayConfiguration.defaultMaxPatternSubscriptions
 
     @Option(
         name: .customLong("max-pattern-subscriptions-total"), parsing: .unconditional,
         help: "Pattern subscriptions all connections together may hold.")
-    var maxPatternSubscriptionsTotal: Int = 10_000
+    var maxPatternSubscriptionsTotal: Int = HubConfiguration.defaultMaxPatternSubscriptions
 
     @Option(name: .customLong("topic-ttl"), parsing: .unconditional, help: "Seconds an idle topic is kept.")
-    var topicTTL: Double = 3600
+    var topicTTL: Double = Double(HubConfiguration.defaultTopicTTL) / 1e9
 
     @Option(name: .customLong("log-level"), help: "trace, debug, info, notice, warning or error.")
     var logLevel: String = "info"
@@ -186,17 +199,17 @@ struct ServeCommand: AsyncParsableCommand {
     var redis: String?
 
     @Option(name: .customLong("redis-prefix"), help: "Prefix of every Redis key and channel of this cluster.")
-    var redisPrefix: String = "progress-relay"
+    var redisPrefix: String = ClusterPublisherConfiguration.defaultPrefix
 
     @Option(
         name: .customLong("redis-queue-bytes"), parsing: .unconditional,
         help: "Ingest bytes that may wait for Redis before the relay stops reading emitter sockets.")
-    var redisQueueBytes: Int = 67_108_864
+    var redisQueueBytes: Int = ClusterPublisherConfiguration.defaultQueueBytes
 
     @Option(
         name: .customLong("redis-lines-per-call"),
         help: "Emitted lines sent to Redis in one sequencing-script call (1 to 64; more costs Redis less per line).")
-    var redisLinesPerCall: Int = 16
+    var redisLinesPerCall: Int = ClusterPublisherConfiguration.defaultLinesPerCall
 
     @Option(
         name: .customLong("node-name"),
@@ -330,7 +343,7 @@ struct ServeCommand: AsyncParsableCommand {
             throw CLIError.usage("--socket-mode \(socketMode): expected octal permissions such as 0660")
         }
         guard let (host, port) = Self.hostAndPort(listen) else {
-            throw CLIError.usage("--listen \(listen): expected HOST:PORT, e.g. 127.0.0.1:8765")
+            throw CLIError.usage("--listen \(listen): expected HOST:PORT, e.g. \(Self.defaultListen)")
         }
         if !jwtSecretFiles.isEmpty, !jwtPublicKeyFiles.isEmpty {
             throw CLIError.usage("--jwt-secret-file and --jwt-public-key-file: give one key, not both")
@@ -401,7 +414,7 @@ struct ServeCommand: AsyncParsableCommand {
         let emitterLimits = try checkedEmitterLimits()
         let httpEdge = try checkedHTTPEdge()
         var configuration = RelayConfiguration(
-            socketPath: socket ?? (dev ? DevMode.socketPath() : "/run/progress.sock"),
+            socketPath: socket ?? (dev ? DevMode.socketPath() : RelayConfiguration.defaultSocketPath),
             socketMode: mode,
             listenHost: host,
             listenPort: port,
@@ -430,7 +443,7 @@ struct ServeCommand: AsyncParsableCommand {
     /// `--max-emitters`, `--max-emitters-per-uid` and the emitter timeouts.
     private func checkedEmitterLimits() throws -> EmitterLimitSettings {
         guard maxEmitters >= 1 else { throw CLIError.usage("--max-emitters \(maxEmitters): must be at least 1") }
-        let perUID = maxEmittersPerUID ?? min(1024, maxEmitters)
+        let perUID = maxEmittersPerUID ?? min(EmitterLimitSettings.defaultMaxEmittersPerUID, maxEmitters)
         guard (1...maxEmitters).contains(perUID) else {
             throw CLIError.usage(
                 "--max-emitters-per-uid \(perUID): expected 1 to --max-emitters (\(maxEmitters))")
@@ -472,16 +485,18 @@ struct ServeCommand: AsyncParsableCommand {
             handshakeTimeout: .nanoseconds(Int64(handshakeTimeout * 1e9)))
     }
 
-    /// The soft open files limit (after `raiseOpenFilesLimit`) less 1024 kept for emitters, the
-    /// listeners and the relay's own files, at least 64: past it accept would fail with EMFILE,
-    /// which refuses silently; a 503 says why.
+    /// Descriptors `--max-connections` leaves by default for emitters, the listeners and the relay's own files.
+    private static let reservedDescriptors = 1024
+
+    /// The soft open files limit (after `raiseOpenFilesLimit`) less `reservedDescriptors`, at least
+    /// `fallbackMaxConnections`: past it accept would fail with EMFILE, which refuses silently; a
+    /// 503 says why.
     private static func defaultMaxConnections() -> Int {
-        var limit = rlimit()
-        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur != rlim_t.max else {
+        guard let limit = try? SystemCalls.openFilesLimit(), limit.rlim_cur != rlim_t.max else {
             return 1_048_576
         }
         let soft = Int(clamping: limit.rlim_cur)
-        return max(HTTPEdgeSettings.fallbackMaxConnections, soft - 1024)
+        return max(HTTPEdgeSettings.fallbackMaxConnections, soft - reservedDescriptors)
     }
 
     /// `--redis` and its companions; nil without `--redis`.
@@ -547,11 +562,12 @@ struct ServeCommand: AsyncParsableCommand {
 
     /// Many subscribers need many descriptors: take the whole hard limit.
     private func raiseOpenFilesLimit(logger: Logger) {
-        var limit = rlimit()
-        guard getrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur < limit.rlim_max else { return }
+        guard var limit = try? SystemCalls.openFilesLimit(), limit.rlim_cur < limit.rlim_max else { return }
         limit.rlim_cur = limit.rlim_max
-        if setrlimit(Int32(RLIMIT_NOFILE.rawValue), &limit) != 0 {
-            logger.warning("could not raise the open files limit")
+        do {
+            try SystemCalls.setOpenFilesLimit(limit)
+        } catch {
+            logger.warning("could not raise the open files limit", metadata: ["error": "\(error)"])
         }
     }
 }

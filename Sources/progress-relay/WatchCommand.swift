@@ -4,6 +4,7 @@ import ArgumentParser
 import Dispatch
 import Foundation
 import RelayHub
+import RelayServer
 import RelayWatch
 
 #if canImport(Glibc)
@@ -23,7 +24,7 @@ struct WatchCommand: AsyncParsableCommand {
             """)
 
     @Option(help: "The relay's HTTP address.")
-    var url = "http://127.0.0.1:8765"
+    var url = "http://" + ServeCommand.defaultListen
 
     @Option(name: .customLong("token-file"), help: "File holding the token (JWT).")
     var tokenFile: String?
@@ -150,14 +151,9 @@ private func terminalSize() -> (Int, Int) {
 
 /// The whole text, across short writes; a closed pipe ends the watch as it would end `cat`.
 private func writeAll(_ fd: Int32, _ text: String) {
-    var bytes = Array(text.utf8)[...]
-    while !bytes.isEmpty {
-        let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-        if written < 0 {
-            if errno == EINTR { continue }
-            if errno == EPIPE { Foundation.exit(fd == STDOUT_FILENO ? 141 : 1) }
-            return
-        }
-        bytes = bytes.dropFirst(written)
+    do {
+        try SystemCalls.writeAll(fd, Array(text.utf8))
+    } catch {
+        if error.code == EPIPE { Foundation.exit(fd == STDOUT_FILENO ? 141 : 1) }
     }
 }

@@ -47,7 +47,10 @@ public struct ClusterSettings: Sendable {
     /// This process's node name, unique per process (the CLI adds a random suffix).
     public var nodeName: String
 
-    public init(endpoint: RedisEndpoint, prefix: String, queueBytes: Int, linesPerCall: Int = 16, nodeName: String) {
+    public init(
+        endpoint: RedisEndpoint, prefix: String, queueBytes: Int,
+        linesPerCall: Int = ClusterPublisherConfiguration.defaultLinesPerCall, nodeName: String
+    ) {
         self.endpoint = endpoint
         self.prefix = prefix
         self.queueBytes = queueBytes

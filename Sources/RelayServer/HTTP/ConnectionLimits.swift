@@ -24,10 +24,16 @@ public struct HTTPEdgeSettings: Sendable {
 
     /// The default of `--max-connections` when the open files limit is unknown.
     public static let fallbackMaxConnections = 64
+    /// `--max-connections-per-ip`.
+    public static let defaultMaxConnectionsPerAddress = 256
+    /// `--handshake-timeout`.
+    public static let defaultHandshakeTimeout: TimeAmount = .seconds(10)
 
     public init(
-        maxConnections: Int = HTTPEdgeSettings.fallbackMaxConnections, maxConnectionsPerAddress: Int = 256,
-        trustedProxies: [IPNetwork] = IPNetwork.loopback, handshakeTimeout: TimeAmount = .seconds(10),
+        maxConnections: Int = HTTPEdgeSettings.fallbackMaxConnections,
+        maxConnectionsPerAddress: Int = HTTPEdgeSettings.defaultMaxConnectionsPerAddress,
+        trustedProxies: [IPNetwork] = IPNetwork.loopback,
+        handshakeTimeout: TimeAmount = HTTPEdgeSettings.defaultHandshakeTimeout,
         keepAliveIdle: TimeAmount = .seconds(5)
     ) {
         self.maxConnections = maxConnections

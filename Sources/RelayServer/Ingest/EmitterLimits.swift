@@ -22,9 +22,21 @@ public struct EmitterLimitSettings: Sendable {
     /// `--emitter-partial-line-timeout`: an unfinished line this old drains its connection.
     public var partialLineTimeout: TimeAmount
 
+    // The defaults, here only: `serve`'s flags show and use these.
+    /// `--max-emitters`.
+    public static let defaultMaxEmitters = 4096
+    /// `--max-emitters-per-uid`, or `--max-emitters` when that is lower.
+    public static let defaultMaxEmittersPerUID = 1024
+    /// `--emitter-idle-timeout`.
+    public static let defaultIdleTimeout: TimeAmount = .seconds(3600)
+    /// `--emitter-partial-line-timeout`.
+    public static let defaultPartialLineTimeout: TimeAmount = .seconds(60)
+
     public init(
-        maxEmitters: Int = 4096, maxEmittersPerUID: Int = 1024, idleTimeout: TimeAmount = .seconds(3600),
-        partialLineTimeout: TimeAmount = .seconds(60)
+        maxEmitters: Int = EmitterLimitSettings.defaultMaxEmitters,
+        maxEmittersPerUID: Int = EmitterLimitSettings.defaultMaxEmittersPerUID,
+        idleTimeout: TimeAmount = EmitterLimitSettings.defaultIdleTimeout,
+        partialLineTimeout: TimeAmount = EmitterLimitSettings.defaultPartialLineTimeout
     ) {
         self.maxEmitters = maxEmitters
         self.maxEmittersPerUID = maxEmittersPerUID
