@@ -1,12 +1,17 @@
-// swift-tools-version:6.0
+// swift-tools-version:6.2
 import PackageDescription
 
 let package = Package(
     name: "ProgressRelay",
+    // The relay (`progress-relay`, RelayServer) runs on Linux only: socket activation,
+    // SO_PEERCRED/SO_PEERGROUPS and Glibc. The macOS entry is for the ProgressEmitter library,
+    // which keeps to Foundation and the C library (Glibc or Darwin).
     platforms: [.macOS(.v14)],
     products: [
         .executable(name: "progress-relay", targets: ["progress-relay"]),
         .library(name: "ProgressEmitter", targets: ["ProgressEmitter"]),
+        // For the fuzzing package in Fuzz/ only (its harnesses import it); not an API for users.
+        .library(name: "FuzzChecks", targets: ["FuzzChecks"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-nio.git", from: "2.101.3"),
@@ -100,13 +105,21 @@ let package = Package(
         ),
         // What `emit` costs a worker: a benchmark that prints figures.
         .executableTarget(name: "emitter-bench", dependencies: ["ProgressEmitter"]),
-        // RESPDecoder under libFuzzer. A plain build makes a replayer of inputs (so the checks
-        // stay compiled); scripts/fuzz builds the fuzzer itself in .build-fuzz.
-        .executableTarget(
-            name: "resp-fuzz",
-            dependencies: ["RESP", .product(name: "NIOCore", package: "swift-nio")],
-            path: "Fuzz/RESPDecoder"
+        // What the fuzzers in Fuzz/ check on each input (oracles and invariants), in the root package
+        // so that FuzzRegressionTests replays the saved inputs through the same functions.
+        .target(
+            name: "FuzzChecks",
+            dependencies: [
+                "RelayHub",
+                "RelayAuth",
+                "RelayServer",
+                "RESP",
+                .product(name: "NIOCore", package: "swift-nio"),
+                .product(name: "Crypto", package: "swift-crypto"),
+            ]
         ),
+        // Fuzz/regressions and Fuzz/seeds through FuzzChecks: a crash the fuzzer found stays fixed.
+        .testTarget(name: "FuzzRegressionTests", dependencies: ["FuzzChecks"]),
         .testTarget(name: "RelayHubTests", dependencies: ["RelayHub"]),
         .testTarget(name: "RelayAuthTests", dependencies: ["RelayAuth"]),
         .testTarget(name: "ProgressEmitterTests", dependencies: ["ProgressEmitter"]),
@@ -117,11 +130,18 @@ let package = Package(
             dependencies: [
                 "RelayServer",
                 "RelayHub",
+                "RelayAuth",
                 .product(name: "NIOCore", package: "swift-nio"),
                 .product(name: "NIOEmbedded", package: "swift-nio"),
                 .product(name: "NIOHTTP1", package: "swift-nio"),
                 .product(name: "NIOWebSocket", package: "swift-nio"),
+                .product(name: "Logging", package: "swift-log"),
             ]
+        ),
+        // The CLI's tables checked against its commands (an executable target, imported with @testable).
+        .testTarget(
+            name: "ProgressRelayCommandTests",
+            dependencies: ["progress-relay", .product(name: "ArgumentParser", package: "swift-argument-parser")]
         ),
         // Test support: a redis-server of a test's own, for the tests that talk to Redis.
         .target(name: "RedisTestSupport", path: "Tests/RedisTestSupport"),
@@ -140,3 +160,9 @@ let package = Package(
     ],
     swiftLanguageModes: [.v6]
 )
+
+// Every warning in the project's own code is an error (SE-0443, tools 6.2); dependencies keep
+// their warnings.
+for target in package.targets where target.type != .plugin {
+    target.swiftSettings = (target.swiftSettings ?? []) + [.treatAllWarnings(as: .error)]
+}

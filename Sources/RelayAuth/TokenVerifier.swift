@@ -336,6 +336,12 @@ public final class TokenVerifier: Sendable {
         return check(claims, now: now.timeIntervalSince1970)
     }
 
+    /// `exp` in whole seconds; one past Int64's range (a valid token may say 1e19, FuzzToken found
+    /// that `Int64(_:)` trapped on it) is Int64.max: it never comes.
+    static func wholeSeconds(_ exp: Double) -> Int64 {
+        exp < 0x1p63 ? Int64(exp.rounded(.down)) : .max
+    }
+
     private func check(_ claims: RelayClaims, now: Double) -> Result<Principal, TokenError> {
         let leeway = Double(rules.leeway)
         if let exp = claims.exp, now >= exp + leeway { return .failure(.expired) }
@@ -358,17 +364,24 @@ public final class TokenVerifier: Sendable {
         let granted = topics + rules.grantTemplates.compactMap { $0.grant(forSubject: sub) }
         return .success(
             Principal(
-                subject: sub, grants: GrantSet(granted), expiresAt: claims.exp.map { Int64($0.rounded(.down)) },
+                subject: sub, grants: GrantSet(granted), expiresAt: claims.exp.map(Self.wholeSeconds),
                 validUntil: claims.exp.map { $0 + leeway }))
     }
 
-    struct Header: Equatable {
-        var alg: String
-        var kid: String?
+    /// A token's header as the relay reads it. `@_spi(Fuzzing)` public, with `header(_:)`, only so that
+    /// the fuzz checks (FuzzChecks, Fuzz/) can compare it with what `verify` does; not part of the API.
+    @_spi(Fuzzing) public struct Header: Equatable, Sendable {
+        public var alg: String
+        public var kid: String?
+
+        public init(alg: String, kid: String?) {
+            self.alg = alg
+            self.kid = kid
+        }
     }
 
     /// The header's `alg` and `kid`, read before any key is chosen; `crit` refuses the token.
-    static func header(_ token: String) -> Result<Header, TokenError> {
+    @_spi(Fuzzing) public static func header(_ token: String) -> Result<Header, TokenError> {
         let parts = token.split(separator: ".", omittingEmptySubsequences: false)
         guard parts.count == 3, let data = Base64URL.decode(parts[0]),
             let object = try? JSONSerialization.jsonObject(with: data) as? [String: Any],

@@ -1,5 +1,6 @@
-// What must hold for any bytes given to RESPDecoder; a violation traps, which
-// libFuzzer records as a crash (with the input that caused it).
+// RESPDecoderInvariants: what must hold for any bytes given to RESPDecoder (the
+// FuzzRESP target; moved here from the root's former resp-fuzz executable). A
+// violation throws a FuzzViolation, which the harness turns into a trap.
 //
 // Each input is decoded as a stream of replies, by a decoder with the default
 // limits and by one with tiny limits derived from the input, and:
@@ -22,14 +23,15 @@
 //  * a decoder waiting for the rest of a reply, then shown fewer bytes (a broken
 //    contract), does not trap, and waits on a shorter prefix of that reply.
 //
-// Out-of-bounds accesses of the buffers trap by themselves in this debug build.
+// Out-of-bounds accesses of the buffers trap by themselves (ByteBuffer's bounds
+// checks stay in release builds; AddressSanitizer watches the rest).
 
 import NIOCore
 import RESP
 
 enum RESPDecoderInvariants {
     /// Checks every invariant on `input`; traps on the first that fails.
-    static func check(_ input: [UInt8]) {
+    static func check(_ input: [UInt8]) throws(FuzzViolation) {
         var random = SplitMix64(state: fnv1a(input))
         let loose = RESPDecoder()
         let tight = RESPDecoder(
@@ -39,106 +41,111 @@ enum RESPDecoderInvariants {
             maximumLineLength: random.int(in: 0...12)
         )
 
-        let outcomes = [loose, tight].map { decoder in
-            checkSplits(input, decoder: decoder, random: &random)
-        }
-        checkTightAgainstLoose(input, tight: outcomes[1], loose: outcomes[0], limits: tight)
-        checkRoundTrip(outcomes[0])
-        checkDecodeLast(input, outcome: outcomes[0])
-        checkShrunkBuffer(input, outcome: outcomes[0], random: &random)
+        let outcomes = [
+            try checkSplits(input, decoder: loose, random: &random),
+            try checkSplits(input, decoder: tight, random: &random),
+        ]
+        try checkTightAgainstLoose(input, tight: outcomes[1], loose: outcomes[0], limits: tight)
+        try checkRoundTrip(outcomes[0])
+        try checkDecodeLast(input, outcome: outcomes[0])
+        try checkShrunkBuffer(input, outcome: outcomes[0], random: &random)
     }
 
     /// Decodes `input` split in several ways; all must agree. Returns the outcome.
-    static func checkSplits(_ input: [UInt8], decoder: RESPDecoder, random: inout SplitMix64) -> Outcome {
-        let whole = feed(input, decoder: decoder)
-        require(
+    static func checkSplits(_ input: [UInt8], decoder: RESPDecoder, random: inout SplitMix64) throws(FuzzViolation) -> Outcome {
+        let whole = try feed(input, decoder: decoder)
+        try requireRESP(
             whole.consumed.reduce(0, +) + whole.leftover == input.count,
             "the values and the unread bytes do not add up to the input", input, whole)
         for value in whole.values {
-            require(withinLimits(value, decoder), "value beyond the limits \(limits(decoder)): \(value)", input, whole)
+            try requireRESP(withinLimits(value, decoder), "value beyond the limits \(limits(decoder)): \(value)", input, whole)
         }
 
         let cuts = (0..<random.int(in: 1...3)).map { _ in random.int(in: 0...input.count) }.sorted()
         let compact = random.int(in: 0...1) == 1
-        let split = feed(input, cuts: cuts, decoder: decoder, compact: compact)
-        require(split == whole, "cut at \(cuts) (compacting: \(compact)): \(split)", input, whole)
+        let split = try feed(input, cuts: cuts, decoder: decoder, compact: compact)
+        try requireRESP(split == whole, "cut at \(cuts) (compacting: \(compact)): \(split)", input, whole)
 
-        let byteByByte = feed(input, cuts: Array(0..<input.count), decoder: decoder, compact: !compact)
-        require(byteByByte == whole, "byte by byte: \(byteByByte)", input, whole)
+        let byteByByte = try feed(input, cuts: Array(0..<input.count), decoder: decoder, compact: !compact)
+        try requireRESP(byteByByte == whole, "byte by byte: \(byteByByte)", input, whole)
 
-        let hidden = feed(input, decoder: decoder, hiddenTrailer: true)
-        require(hidden == whole, "with bytes hidden past the writer index: \(hidden)", input, whole)
+        let hidden = try feed(input, decoder: decoder, hiddenTrailer: true)
+        try requireRESP(hidden == whole, "with bytes hidden past the writer index: \(hidden)", input, whole)
         return whole
     }
 
     /// The tiny limits may only stop the stream at a value that exceeds them.
-    static func checkTightAgainstLoose(_ input: [UInt8], tight: Outcome, loose: Outcome, limits: RESPDecoder) {
+    static func checkTightAgainstLoose(_ input: [UInt8], tight: Outcome, loose: Outcome, limits: RESPDecoder) throws(FuzzViolation) {
         let decoded = tight.values.count
-        require(
+        try requireRESP(
             decoded <= loose.values.count && Array(loose.values.prefix(decoded)) == tight.values
                 && Array(loose.consumed.prefix(decoded)) == tight.consumed,
             "tight limits decode other values: \(tight) vs \(loose)", input, tight)
         guard let error = tight.error, error.reason.isLimit else {
             // No limit was reached, so the limits made no difference.
-            require(tight == loose, "tight limits, no limit reached, yet \(tight) vs \(loose)", input, tight)
+            try requireRESP(tight == loose, "tight limits, no limit reached, yet \(tight) vs \(loose)", input, tight)
             return
         }
         if decoded < loose.values.count {
-            require(
+            try requireRESP(
                 !withinLimits(loose.values[decoded], limits),
                 "\(error) for a value within \(self.limits(limits)): \(loose.values[decoded])", input, tight)
         }
     }
 
     /// Every value decodes again, from its canonical encoding, to itself.
-    static func checkRoundTrip(_ outcome: Outcome) {
+    static func checkRoundTrip(_ outcome: Outcome) throws(FuzzViolation) {
         for (value, consumed) in zip(outcome.values, outcome.consumed) {
             var buffer = ByteBuffer()
             value.encode(into: &buffer)
             let encoded = Array(buffer.readableBytesView)
-            require(encoded.count <= consumed, "\(value) re-encoded is longer than it was: \(encoded)", encoded, outcome)
-            let again = feed(encoded, decoder: RESPDecoder())
-            require(
+            try requireRESP(encoded.count <= consumed, "\(value) re-encoded is longer than it was: \(encoded)", encoded, outcome)
+            let again = try feed(encoded, decoder: RESPDecoder())
+            try requireRESP(
                 again.values == [value] && again.consumed == [encoded.count] && again.error == nil,
                 "\(value) re-encoded decodes to \(again)", encoded, outcome)
         }
     }
 
     /// At the end of the stream, a partial reply is leftover data, and no reply is not.
-    static func checkDecodeLast(_ input: [UInt8], outcome: Outcome) {
+    static func checkDecodeLast(_ input: [UInt8], outcome: Outcome) throws(FuzzViolation) {
         guard outcome.error == nil else { return }
         var decoder = RESPValueDecoder()
         var buffer = ByteBuffer(bytes: input)
         do {
             while try decoder.decode(buffer: &buffer) != nil {}
             let last = try decoder.decodeLast(buffer: &buffer, seenEOF: true)
-            require(last == nil && outcome.leftover == 0, "decodeLast gave \(String(describing: last))", input, outcome)
+            try requireRESP(last == nil && outcome.leftover == 0, "decodeLast gave \(String(describing: last))", input, outcome)
+        } catch let violation as FuzzViolation {
+            throw violation
         } catch ByteToMessageDecoderError.leftoverDataWhenDone {
-            require(outcome.leftover > 0, "decodeLast: leftover data when there was none", input, outcome)
+            try requireRESP(outcome.leftover > 0, "decodeLast: leftover data when there was none", input, outcome)
         } catch {
-            require(false, "decodeLast threw \(error)", input, outcome)
+            try requireRESP(false, "decodeLast threw \(error)", input, outcome)
         }
     }
 
     /// A decoder waiting for the rest of a reply is handed fewer bytes than it has checked (which
     /// breaks its contract): it must not trap, and on a prefix of that reply it must wait again.
-    static func checkShrunkBuffer(_ input: [UInt8], outcome: Outcome, random: inout SplitMix64) {
+    static func checkShrunkBuffer(_ input: [UInt8], outcome: Outcome, random: inout SplitMix64) throws(FuzzViolation) {
         guard outcome.error == nil, outcome.leftover > 0 else { return }
         var decoder = RESPDecoder()
         var buffer = ByteBuffer(bytes: input)
         do {
             while try decoder.decode(buffer: &buffer) != nil {}
         } catch {
-            require(false, "threw \(error) on bytes that decoded without error", input, outcome)
+            try requireRESP(false, "threw \(error) on bytes that decoded without error", input, outcome)
         }
         let pending = Array(buffer.readableBytesView)
         var prefix = ByteBuffer(bytes: pending.prefix(random.int(in: 0...(pending.count - 1))))
         let readable = prefix.readableBytes
         do {
             let value = try decoder.decode(buffer: &prefix)
-            require(value == nil && prefix.readableBytes == readable, "a prefix of a partial reply gave \(value!)", input, outcome)
+            try requireRESP(value == nil && prefix.readableBytes == readable, "a prefix of a partial reply gave \(value!)", input, outcome)
+        } catch let violation as FuzzViolation {
+            throw violation
         } catch {
-            require(false, "a prefix of a partial reply threw \(error)", input, outcome)
+            try requireRESP(false, "a prefix of a partial reply threw \(error)", input, outcome)
         }
         // Unrelated bytes after a partial reply: anything but a trap is acceptable.
         var unrelated = ByteBuffer(bytes: input.reversed())
@@ -171,7 +178,7 @@ private let trailer: [UInt8] = Array("\r\n\r\n:0\r\n\r\n+\r\n\r\n".utf8)
 /// `compact`, read bytes are discarded between pieces. Checks the decoder's contract on each call.
 func feed(
     _ input: [UInt8], cuts: [Int] = [], decoder: RESPDecoder, compact: Bool = false, hiddenTrailer: Bool = false
-) -> Outcome {
+) throws(FuzzViolation) -> Outcome {
     var decoder = decoder
     var outcome = Outcome()
     var cumulation = ByteBuffer()
@@ -189,27 +196,29 @@ func feed(
             let readable = cumulation.readableBytes
             do {
                 guard let value = try decoder.decode(buffer: &cumulation) else {
-                    require(
+                    try requireRESP(
                         cumulation.readerIndex == readerIndex && cumulation.readableBytes == readable,
                         "nil, yet the reader index moved", input, outcome)
                     break
                 }
                 let consumed = readable - cumulation.readableBytes
-                require(
+                try requireRESP(
                     consumed > 0 && cumulation.readerIndex == readerIndex + consumed,
                     "\(value) consumed \(consumed) bytes", input, outcome)
                 outcome.values.append(value)
                 outcome.consumed.append(consumed)
+            } catch let violation as FuzzViolation {
+                throw violation
             } catch let error as RESPError {
-                require(cumulation.readerIndex == readerIndex, "\(error), yet the reader index moved", input, outcome)
-                require(
+                try requireRESP(cumulation.readerIndex == readerIndex, "\(error), yet the reader index moved", input, outcome)
+                try requireRESP(
                     error.offset >= 0 && error.offset < readable,
                     "\(error) is outside the \(readable) bytes present", input, outcome)
                 outcome.error = error
                 outcome.leftover = cumulation.readableBytes + (input.count - start)
                 return outcome
             } catch {
-                require(false, "threw \(error), which is not a RESPError", input, outcome)
+                try requireRESP(false, "threw \(error), which is not a RESPError", input, outcome)
             }
         }
         if compact {
@@ -222,14 +231,13 @@ func feed(
 
 // MARK: - Helpers
 
-/// Traps, saying what failed and on which input, when `condition` is false.
-func require(
-    _ condition: Bool, _ message: @autoclosure () -> String, _ input: [UInt8], _ outcome: Outcome,
-    file: StaticString = #fileID, line: UInt = #line
-) {
+/// Throws, saying what failed and on which input, when `condition` is false.
+func requireRESP(
+    _ condition: Bool, _ message: @autoclosure () -> String, _ input: [UInt8], _ outcome: Outcome
+) throws(FuzzViolation) {
     guard !condition else { return }
     let bytes = input.count <= 512 ? "\(input)" : "(\(input.count) bytes)"
-    fatalError("RESP fuzz invariant violated: \(message())\ninput: \(bytes)\noutcome: \(outcome)", file: file, line: line)
+    throw FuzzViolation("RESP invariant violated: \(message())\ninput: \(bytes)\noutcome: \(outcome)")
 }
 
 /// Whether `value` keeps within the limits of `decoder`.
@@ -263,14 +271,6 @@ extension RESPError.Reason {
     }
 }
 
-/// FNV-1a: the parameters of each input (cut points, tight limits) come from its bytes.
-func fnv1a(_ bytes: [UInt8]) -> UInt64 {
-    var hash: UInt64 = 0xcbf2_9ce4_8422_2325
-    for byte in bytes {
-        hash = (hash ^ UInt64(byte)) &* 0x100_0000_01b3
-    }
-    return hash
-}
 
 struct SplitMix64 {
     var state: UInt64
